@@ -1,0 +1,49 @@
+"""Momentum memory bank: a FIFO queue of L2-normalised keys in registered buffers.
+
+Buffers are checkpointed, moved with the module and identical on every DDP rank as long as
+every rank enqueues the same (all-gathered) keys, which `MCLModule` guarantees.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class MemoryBank(nn.Module):
+    """K keys of dimension D, with the dataset index and label of the image each came from.
+
+    Slots not yet written hold random unit vectors with index -1 and label -1.
+    """
+
+    def __init__(self, size: int, dim: int):
+        super().__init__()
+        if size < 1:
+            raise ValueError(f"model.queue_size must be a positive integer, got {size}")
+        self.register_buffer("keys", F.normalize(torch.randn(size, dim), dim=1))  # K x D
+        self.register_buffer("indices", torch.full((size,), -1, dtype=torch.long))  # K
+        self.register_buffer("labels", torch.full((size,), -1, dtype=torch.long))  # K
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        self.register_buffer("num_written", torch.zeros((), dtype=torch.long))
+
+    @property
+    def size(self) -> int:
+        return self.keys.shape[0]
+
+    @property
+    def is_full(self) -> bool:
+        """True once every slot holds a real key (mining warm-up waits for this)."""
+        return bool(self.num_written >= self.size)
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor, indices: torch.Tensor, labels: torch.Tensor) -> None:
+        """Write N keys (N x D) at the pointer, oldest first out; K must be a multiple of N."""
+        n = keys.shape[0]
+        assert self.size % n == 0, f"queue size {self.size} must be a multiple of the keys per step {n}"
+        ptr = int(self.ptr)
+        self.keys[ptr : ptr + n] = keys.to(self.keys.dtype)
+        self.indices[ptr : ptr + n] = indices
+        self.labels[ptr : ptr + n] = labels
+        self.ptr.fill_((ptr + n) % self.size)
+        self.num_written.add_(n)

@@ -1,0 +1,1 @@
+"""Mining strategies: positives from the bank, negatives from the InfoNCE gradient."""

@@ -1,0 +1,102 @@
+"""What a mining strategy sees and returns.
+
+A strategy is a small callable chosen by Hydra `_target_` from `conf/mining.positive/` or
+`conf/mining.negative/`. It reads a `MiningContext` (tensors only) and returns a selection;
+`MCLModule` turns selections into the targets and weights of `mcl.loss.weighted_infonce`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class MiningContext:
+    """One direction of one training step. B queries, K bank entries, D feature dims.
+
+    query:       B x D, L2-normalised query embeddings (carry gradient).
+    key:         B x D, L2-normalised keys of the other view (no gradient): the augmented positive.
+    bank_keys:   K x D, the bank as it was *before* this step's enqueue.
+    bank_sim:    B x K, query @ bank_keys.T (carries gradient; the negatives' logits * tau).
+    key_bank_sim: B x K, key @ bank_keys.T (no gradient).
+    bank_index:  K, dataset index of each bank key (-1: not written yet).
+    batch_index: B, dataset index of each query.
+    temperature: InfoNCE temperature tau.
+    bank_full:   every bank slot holds a real key (warm-up is over).
+    progress:    training progress in [0, 1], for scheduled knobs.
+    """
+
+    query: torch.Tensor
+    key: torch.Tensor
+    bank_keys: torch.Tensor
+    bank_sim: torch.Tensor
+    key_bank_sim: torch.Tensor
+    bank_index: torch.Tensor
+    batch_index: torch.Tensor
+    temperature: float
+    bank_full: bool = True
+    progress: float = 0.0
+
+    @property
+    def self_mask(self) -> torch.Tensor:
+        """B x K bool: bank entry j came from the same image as query i."""
+        return self.bank_index[None, :] == self.batch_index[:, None]
+
+
+@dataclass
+class PositiveSelection:
+    """Mined positives: bank entries `index` (B x m) with target weights `weight` (B x m).
+
+    Rows of `weight` sum to 1, or to 0 where nothing was mined for that query. `lam` is the
+    target weight of the augmented positive: t_i = lam * onehot(k_i) + (1 - lam) * weight_i,
+    and rows with no mined weight fall back to lam = 1.
+    """
+
+    index: torch.Tensor
+    weight: torch.Tensor
+    lam: float = 1.0
+
+
+@dataclass
+class NegativeSelection:
+    """Which bank entries enter the normaliser, and how.
+
+    weight:   B x K, >= 0 (0 drops a negative, 1 keeps it, other values reweight it), or None
+              to keep every entry.
+    log_mass: B, optional replacement for log(sum_j weight_ij * exp(s_ij / tau)) (debiased
+              estimators whose negative term is not a weighted sum).
+    """
+
+    weight: torch.Tensor | None = None
+    log_mass: torch.Tensor | None = None
+
+
+def no_positive(ctx: MiningContext) -> torch.Tensor:
+    """An empty B x 0 index, shared by strategies that mine nothing."""
+    return ctx.batch_index.new_zeros((ctx.query.shape[0], 0))
+
+
+class NoPositives:
+    """`mining.positive=none`: only the augmented view k_i is a positive (MoCo v2)."""
+
+    def __call__(self, ctx: MiningContext) -> PositiveSelection:
+        index = no_positive(ctx)  # B x 0
+        return PositiveSelection(index=index, weight=ctx.query.new_zeros(index.shape), lam=1.0)
+
+
+class AllNegatives:
+    """`mining.negative=all`: every bank entry is a negative (MoCo).
+
+    exclude_self: drop bank entries that came from the query's own image (an older key of the
+    same image is a positive, not a negative).
+    """
+
+    def __init__(self, exclude_self: bool = True):
+        self.exclude_self = exclude_self
+
+    def __call__(self, ctx: MiningContext) -> NegativeSelection:
+        if not self.exclude_self:
+            return NegativeSelection()
+        return NegativeSelection(weight=(~ctx.self_mask).to(ctx.bank_sim.dtype))

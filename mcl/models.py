@@ -1,0 +1,62 @@
+"""Backbones and heads.
+
+`resnet` builds torchvision's ResNet with a width knob and an optional CIFAR stem. Parameter
+names are torchvision's own, so an exported backbone loads into `torchvision.models.resnet18`.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+
+BLOCKS = {"resnet18": (BasicBlock, [2, 2, 2, 2]), "resnet50": (Bottleneck, [3, 4, 6, 3])}
+
+
+class WidthResNet(ResNet):
+    """torchvision ResNet whose stage widths are `width * (1, 2, 4, 8)` (64 is the standard).
+
+    cifar_stem: 3x3 stride-1 first conv and no max-pool, for 32x32-64x64 images.
+    The classifier `fc` is an Identity: `forward` returns pooled features (B x out_dim).
+    """
+
+    def __init__(self, arch: str = "resnet18", width: int = 64, cifar_stem: bool = True):
+        if arch not in BLOCKS:
+            raise ValueError(f"backbone.arch={arch!r} is unknown; choose one of {sorted(BLOCKS)}")
+        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+            raise ValueError(f"backbone.width must be a positive integer, got {width!r}")
+        block, layers = BLOCKS[arch]
+        nn.Module.__init__(self)
+        self._norm_layer = nn.BatchNorm2d
+        self.dilation, self.groups, self.base_width = 1, 1, 64
+        self.inplanes = width
+        if cifar_stem:
+            self.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
+            self.maxpool = nn.Identity()
+        else:
+            self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+            self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.layer1 = self._make_layer(block, width, layers[0])
+        self.layer2 = self._make_layer(block, width * 2, layers[1], stride=2)
+        self.layer3 = self._make_layer(block, width * 4, layers[2], stride=2)
+        self.layer4 = self._make_layer(block, width * 8, layers[3], stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Identity()
+        self.out_dim = width * 8 * block.expansion
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+
+def mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int, last_bn: bool = True) -> nn.Sequential:
+    """Linear-BN-ReLU blocks, then a last Linear (+ BN without affine, as in MoCo v3)."""
+    layers: list[nn.Module] = []
+    dim = in_dim
+    for _ in range(num_layers - 1):
+        layers += [nn.Linear(dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
+        dim = hidden_dim
+    layers.append(nn.Linear(dim, out_dim, bias=not last_bn))
+    if last_bn:
+        layers.append(nn.BatchNorm1d(out_dim, affine=False))
+    return nn.Sequential(*layers)

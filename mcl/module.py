@@ -1,0 +1,222 @@
+"""The LightningModule: query encoder, EMA key encoder, memory bank and the mining strategies.
+
+Symmetric MoCo v2 with pluggable mining. Per direction (query view a, key view b):
+    logits = [q_a . k_b | q_a . bank] / tau                     B x (1+K)
+    targets from the positive strategy, weights from the negative strategy,
+    loss = weighted_infonce(logits, targets, log(weights))       (mcl.loss)
+Both keys of all ranks are gathered and enqueued after the backward pass: the bank read in a step
+never contains that step's keys.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torchmetrics.classification import MulticlassAccuracy
+
+from mcl.bank import MemoryBank
+from mcl.loss import weighted_infonce
+from mcl.mining.base import MiningContext, NegativeSelection, PositiveSelection
+from mcl.models import mlp
+from mcl.monitors import knn_predict, topk_accuracy
+
+
+def momentum_at(base: float, progress: float, schedule: str) -> float:
+    """EMA momentum: constant, or cosine from `base` to 1 over training (BYOL)."""
+    if schedule == "const":
+        return base
+    return 1.0 - (1.0 - base) * (math.cos(math.pi * progress) + 1.0) / 2.0
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
+    """LR multiplier: linear warm-up, then cosine to 0."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
+
+
+def build_targets(pos: PositiveSelection, num_bank: int, like: torch.Tensor) -> torch.Tensor:
+    """B x (1+K) targets: lam on the augmented positive, (1-lam)*weight on the mined bank entries."""
+    targets = like.new_zeros(like.shape[0], 1 + num_bank)
+    if pos.index.shape[1] == 0:
+        targets[:, 0] = 1.0
+        return targets
+    mined = pos.weight.sum(dim=1, keepdim=True) > 0  # B x 1; rows where something was mined
+    lam = torch.where(mined, torch.full_like(mined, pos.lam, dtype=like.dtype), torch.ones_like(mined, dtype=like.dtype))
+    targets[:, :1] = lam
+    targets[:, 1:].scatter_add_(1, pos.index, (1.0 - lam) * pos.weight)
+    return targets
+
+
+class MCLModule(L.LightningModule):
+    """All arguments are plain dicts from the Hydra config (saved in checkpoints as is).
+
+    backbone: kwargs with `_target_` (conf/backbone/); mining: {"positive": ..., "negative": ...}
+    with `_target_` each; model: heads, bank, temperature, EMA; optim: SGD + warm-up/cosine;
+    monitor: kNN and linear-probe settings; num_classes: for the monitors only.
+    """
+
+    def __init__(
+        self,
+        backbone: dict[str, Any],
+        model: dict[str, Any],
+        mining: dict[str, Any],
+        optim: dict[str, Any],
+        monitor: dict[str, Any],
+        num_classes: int,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.cfg_model, self.cfg_optim, self.cfg_monitor = model, optim, monitor
+        self.backbone = hydra.utils.instantiate(backbone)
+        dim = self.backbone.out_dim
+        self.projector = mlp(dim, model["proj_hidden"], model["proj_out"], model["proj_layers"])
+        self.predictor = (
+            mlp(model["proj_out"], model["pred_hidden"], model["proj_out"], 2, last_bn=False) if model["predictor"] else nn.Identity()
+        )
+        self.key_backbone = copy.deepcopy(self.backbone).requires_grad_(False)
+        self.key_projector = copy.deepcopy(self.projector).requires_grad_(False)
+        self.bank = MemoryBank(model["queue_size"], model["proj_out"])
+        self.positive = hydra.utils.instantiate(mining["positive"])
+        self.negative = hydra.utils.instantiate(mining["negative"])
+        self.num_classes = num_classes
+        self.linear_probe = nn.Linear(dim, num_classes)
+        self.val_linear_top1 = MulticlassAccuracy(num_classes, top_k=1, ignore_index=-1)
+        self._eval_feats: list[list[torch.Tensor]] = [[], []]
+        self._eval_labels: list[list[torch.Tensor]] = [[], []]
+        self._pending: tuple[torch.Tensor, ...] | None = None  # keys to enqueue after backward
+        if model["channels_last"]:
+            self.to(memory_format=torch.channels_last)
+
+    # --- encoders -----------------------------------------------------------------------
+    def _images(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.cfg_model["channels_last"] else x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Backbone features (B x out_dim), what evaluation and export use."""
+        return self.backbone(self._images(x))
+
+    @torch.no_grad()
+    def _update_key_encoder(self, m: float) -> None:
+        for online, key in ((self.backbone, self.key_backbone), (self.projector, self.key_projector)):
+            torch._foreach_lerp_(list(key.parameters()), list(online.parameters()), 1.0 - m)
+            for kb, ob in zip(key.buffers(), online.buffers()):
+                kb.copy_(ob)
+
+    @property
+    def progress(self) -> float:
+        total = self.trainer.estimated_stepping_batches if self._trainer is not None else 0
+        return min(1.0, self.global_step / total) if total and math.isfinite(total) else 0.0
+
+    # --- loss ---------------------------------------------------------------------------
+    def contrast(
+        self, q: torch.Tensor, k: torch.Tensor, index: torch.Tensor
+    ) -> tuple[torch.Tensor, MiningContext, PositiveSelection, NegativeSelection]:
+        """One direction of the loss. q, k: B x D normalised; index: B dataset indices."""
+        tau = self.cfg_model["temperature"]
+        bank_keys = self.bank.keys.detach()  # K x D, before this step's enqueue
+        bank_sim = q @ bank_keys.T  # B x K
+        ctx = MiningContext(
+            query=q,
+            key=k,
+            bank_keys=bank_keys,
+            bank_sim=bank_sim,
+            key_bank_sim=k @ bank_keys.T,
+            bank_index=self.bank.indices,
+            batch_index=index,
+            temperature=tau,
+            bank_full=self.bank.is_full,
+            progress=self.progress,
+        )
+        with torch.no_grad():
+            pos, neg = self.positive(ctx), self.negative(ctx)
+        logits = torch.cat([(q * k).sum(1, keepdim=True), bank_sim], dim=1) / tau  # B x (1+K)
+        targets = build_targets(pos, bank_keys.shape[0], logits)
+        log_weight = None
+        if neg.weight is not None:
+            weight = neg.weight.clone()
+            weight.scatter_(1, pos.index, 1.0)  # a mined positive always stays in the normaliser
+            log_weight = F.pad(weight.log(), (1, 0))  # B x (1+K), 0 for the augmented positive
+        loss = weighted_infonce(logits, targets, log_weight, neg.log_mass)
+        return loss, ctx, pos, neg
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x1, x2, index, labels = batch
+        b = x1.shape[0]
+        self._update_key_encoder(momentum_at(self.cfg_model["momentum"], self.progress, self.cfg_model["momentum_schedule"]))
+        features = self.backbone(self._images(torch.cat([x1, x2])))  # 2B x out_dim
+        q1, q2 = F.normalize(self.predictor(self.projector(features)), dim=1).split(b)  # B x D each
+        with torch.no_grad():
+            k1, k2 = F.normalize(self.key_projector(self.key_backbone(self._images(torch.cat([x1, x2])))), dim=1).split(b)
+        loss12, *_ = self.contrast(q1, k2, index)
+        loss21, *_ = self.contrast(q2, k1, index)
+        loss = 0.5 * (loss12 + loss21)
+        probe_loss = F.cross_entropy(self.linear_probe(features[:b].detach()), labels, ignore_index=-1)
+        self._pending = (torch.cat([k1, k2]), torch.cat([index, index]), torch.cat([labels, labels]))
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
+        self.log("train/linear_loss", probe_loss, sync_dist=True)
+        return loss + probe_loss
+
+    @torch.no_grad()
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        """Enqueue after backward (the loss read the bank in place, without a copy).
+
+        Keys of every rank are gathered, in the same order everywhere, so all banks stay identical.
+        """
+        keys, index, labels = self._pending
+        if self.trainer.world_size > 1:
+            keys, index, labels = (t.flatten(0, 1) for t in self.all_gather((keys, index, labels)))
+        self.bank.enqueue(keys, index, labels)
+
+    # --- monitors -----------------------------------------------------------------------
+    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        x, y = batch
+        feats = self(x)
+        self._eval_feats[dataloader_idx].append(feats.float())
+        self._eval_labels[dataloader_idx].append(y)
+        if dataloader_idx == 1:
+            self.val_linear_top1.update(self.linear_probe(feats), y)
+
+    def on_validation_epoch_end(self) -> None:
+        feats = [torch.cat(f) if f else None for f in self._eval_feats]
+        labels = [torch.cat(y) if y else None for y in self._eval_labels]
+        self._eval_feats, self._eval_labels = [[], []], [[], []]
+        self.log("val/linear_top1", self.val_linear_top1.compute(), sync_dist=False)
+        self.val_linear_top1.reset()
+        if feats[0] is None or feats[1] is None:
+            return
+        if self.trainer.world_size > 1:
+            feats = [self.all_gather(f).flatten(0, 1) for f in feats]
+            labels = [self.all_gather(y).flatten(0, 1) for y in labels]
+        memory = labels[0] >= 0  # unlabelled images (STL-10) cannot vote
+        scores = knn_predict(
+            feats[1], feats[0][memory], labels[0][memory], self.num_classes, self.cfg_monitor["knn_k"], self.cfg_monitor["knn_t"]
+        )
+        self.log("val/knn_top1", topk_accuracy(scores, labels[1]), sync_dist=False)
+        self.log("val/knn_top5", topk_accuracy(scores, labels[1], 5), sync_dist=False)
+
+    # --- optimisation -------------------------------------------------------------------
+    def configure_optimizers(self):
+        o = self.cfg_optim
+        global_batch = self.trainer.world_size * self.trainer.accumulate_grad_batches * self.trainer.datamodule.batch_size
+        lr = o["lr"] * global_batch / 256
+        encoder = [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("linear_probe")]
+        optimizer = torch.optim.SGD(
+            [
+                {"params": encoder, "lr": lr, "weight_decay": o["weight_decay"]},
+                {"params": self.linear_probe.parameters(), "lr": self.cfg_monitor["linear_lr"], "weight_decay": 0.0},
+            ],
+            lr=lr,
+            momentum=o["momentum"],
+        )
+        total = int(self.trainer.estimated_stepping_batches)
+        warmup = int(total * o["warmup_epochs"] / max(1, self.trainer.max_epochs)) if self.trainer.max_epochs > 0 else 0
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -1,0 +1,125 @@
+"""`python -m mcl.train [overrides]`: compose the config, check it, pre-train, print a summary."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+from mcl.data.datamodule import ContrastiveDataModule
+from mcl.module import MCLModule
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot train; raised before training starts."""
+
+
+def plain(node: Any) -> Any:
+    """Resolved plain containers: what checkpoints and hyper-parameters may hold."""
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def check_config(cfg: DictConfig, world_size: int) -> None:
+    """Reject configurations that would fail or silently misbehave later."""
+    for side in ("positive", "negative"):
+        node = cfg.mining.get(side)
+        if not isinstance(node, DictConfig) or "_target_" not in node:
+            raise ConfigError(
+                f"mining.{side} must select a strategy file from conf/mining.{side}/ (e.g. mining.{side}=...), "
+                f"got {node!r}; set knobs with mining.{side}.<knob>=value"
+            )
+    keys_per_step = 2 * cfg.data.batch_size * world_size
+    if cfg.model.queue_size % keys_per_step:
+        raise ConfigError(
+            f"model.queue_size={cfg.model.queue_size} must be a multiple of the keys enqueued per step: "
+            f"2 views x data.batch_size={cfg.data.batch_size} x {world_size} device(s) = {keys_per_step}"
+        )
+
+
+def wandb_offline_unless_logged_in(cfg: DictConfig) -> None:
+    """W&B never prompts: without an API key it runs offline (sync later with `wandb sync`)."""
+    if "wandb" not in (cfg.get("logger") or {}) or os.environ.get("WANDB_MODE"):
+        return
+    import wandb
+
+    if not (os.environ.get("WANDB_API_KEY") or wandb.api.api_key):
+        print("mcl: no W&B API key configured; logging offline to the run directory (upload with `wandb sync`).")
+        os.environ["WANDB_MODE"] = "offline"
+
+
+def instantiate_dict(node: DictConfig | None) -> list:
+    return [hydra.utils.instantiate(v) for v in (node or {}).values() if v is not None]
+
+
+def build(cfg: DictConfig) -> tuple[ContrastiveDataModule, MCLModule, L.Trainer]:
+    """The three Lightning pieces, with the data loaded and every check done."""
+    if cfg.seed is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    wandb_offline_unless_logged_in(cfg)
+    trainer: L.Trainer = hydra.utils.instantiate(
+        cfg.trainer, logger=instantiate_dict(cfg.get("logger")) or False, callbacks=instantiate_dict(cfg.get("callbacks"))
+    )
+    check_config(cfg, trainer.world_size)
+    datamodule = ContrastiveDataModule(dataset=plain(cfg.dataset), **plain(cfg.data))
+    datamodule.trainer = trainer
+    datamodule.setup("fit")
+    model = MCLModule(
+        backbone=plain(cfg.backbone),
+        model=plain(cfg.model),
+        mining=plain(cfg.mining),
+        optim=plain(cfg.optim),
+        monitor=plain(cfg.monitor),
+        num_classes=datamodule.num_classes,
+    )
+    return datamodule, model, trainer
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Pre-train; returns the summary (also printed): output dir, best checkpoint, final monitors."""
+    datamodule, model, trainer = build(cfg)
+    out = Path(cfg.paths.output_dir)
+    if trainer.is_global_zero:
+        out.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, out / "config_resolved.yaml", resolve=True)
+    summary: dict[str, Any] = {"output_dir": str(out)}
+    try:
+        if cfg.monitor.at_start:
+            summary["initial"] = {k: float(v) for k, v in trainer.validate(model, datamodule, verbose=False)[0].items()}
+        trainer.fit(model, datamodule, ckpt_path=cfg.ckpt_path)
+    finally:
+        if "wandb" in (cfg.get("logger") or {}):
+            import wandb
+
+            wandb.finish()
+    ckpt = trainer.checkpoint_callback
+    summary["best_checkpoint"] = ckpt.best_model_path if ckpt is not None else None
+    summary["last_checkpoint"] = ckpt.last_model_path if ckpt is not None else None
+    summary.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")})
+    if trainer.is_global_zero:
+        print_summary(summary)
+    return summary
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    lines = [f"output dir:       {summary['output_dir']}", f"best checkpoint:  {summary['best_checkpoint'] or '-'}"]
+    for key in ("val/knn_top1", "val/linear_top1"):
+        before = summary.get("initial", {}).get(key)
+        start = f"  (before training: {before:.4f})" if before is not None else ""
+        value = summary.get(key)
+        lines.append(f"{key + ':':<17} {'-' if value is None else f'{value:.4f}'}{start}")
+    print("\n== mcl summary ==\n" + "\n".join(lines))
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+def main(cfg: DictConfig) -> None:
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()
