@@ -1,0 +1,107 @@
+"""2-process CPU DDP through the CLI (Lightning's `ddp` relaunches `sys.argv`, so it runs as a subprocess).
+
+A probe callback (below, imported by the child processes through PYTHONPATH) dumps, per rank, the
+bank before every step, the dataset indices of every batch, the lr and the final metrics.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from conftest import run_cli
+
+HERE = Path(__file__).resolve().parent
+BATCH, QUEUE = 16, 128  # 2 views x 16 x 2 ranks = 64 keys a step: the bank turns over every 2 steps
+DDP_TINY = [
+    "trainer=ddp_cpu",
+    "debug=tiny",
+    "dataset=digits",
+    "dataset.image_size=16",
+    "backbone.width=8",
+    "model.proj_hidden=64",
+    f"data.batch_size={BATCH}",
+    f"model.queue_size={QUEUE}",
+    "trainer.max_epochs=2",
+    "trainer.limit_train_batches=3",
+    "trainer.limit_val_batches=1",
+    "trainer.deterministic=true",
+    "seed=0",
+    "+trainer.enable_progress_bar=false",
+    "+trainer.enable_model_summary=false",
+]
+
+
+class BankProbe(L.Callback):
+    """Writes probe_rank<r>.pt into the run dir: what this rank saw and held at every step."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        bank = {k: v.detach().clone() for k, v in pl_module.bank.state_dict().items()}  # before this step's enqueue
+        self.steps.append({"epoch": trainer.current_epoch, "batch_index": batch[2].clone(), "bank": bank})
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        out = {
+            "steps": self.steps,
+            "final_bank": {k: v.detach().clone() for k, v in pl_module.bank.state_dict().items()},
+            "lr": trainer.optimizers[0].param_groups[0]["initial_lr"],
+            "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
+            "world_size": trainer.world_size,
+        }
+        torch.save(out, Path(trainer.default_root_dir) / f"probe_rank{trainer.global_rank}.pt")
+
+
+def run_ddp(tmp_path: Path, name: str, *extra: str):
+    out = tmp_path / name
+    args = [*DDP_TINY, f"paths.output_dir={out}", f"hydra.run.dir={out}", "+callbacks.probe._target_=test_ddp.BankProbe", *extra]
+    env = {"PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+    proc = run_cli(args, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return out, [torch.load(out / f"probe_rank{r}.pt", weights_only=False) for r in (0, 1)]
+
+
+@pytest.mark.slow
+def test_ddp_bank_identical_disjoint_shards_scaled_lr_reduced_metrics(tmp_path):
+    _, (r0, r1) = run_ddp(tmp_path, "run")
+    assert r0["world_size"] == r1["world_size"] == 2
+    assert len(r0["steps"]) == len(r1["steps"]) == 6
+
+    # the bank is identical on both ranks before every step and at the end
+    for s0, s1 in zip(r0["steps"], r1["steps"]):
+        for name in ("keys", "indices", "labels", "ptr", "num_written"):
+            assert torch.equal(s0["bank"][name], s1["bank"][name]), name
+    for name in ("keys", "indices", "labels", "ptr", "num_written"):
+        assert torch.equal(r0["final_bank"][name], r1["final_bank"][name]), name
+
+    # each step enqueues the keys of both ranks, in rank order: [rank 0 (2 views) | rank 1 (2 views)]
+    banks = [s["bank"] for s in r0["steps"]] + [r0["final_bank"]]
+    keys_per_step = 2 * BATCH * 2
+    for t, (s0, s1) in enumerate(zip(r0["steps"], r1["steps"])):
+        before, after = banks[t], banks[t + 1]
+        ptr = int(before["ptr"])
+        expected = torch.cat([s0["batch_index"], s0["batch_index"], s1["batch_index"], s1["batch_index"]])
+        assert torch.equal(after["indices"][ptr : ptr + keys_per_step], expected)
+        assert int(after["num_written"]) == int(before["num_written"]) + keys_per_step
+    final_indices = set(r0["final_bank"]["indices"].tolist())
+    assert final_indices & set(torch.cat([s["batch_index"] for s in r0["steps"]]).tolist())
+    assert final_indices & set(torch.cat([s["batch_index"] for s in r1["steps"]]).tolist())
+
+    # each rank sees a disjoint shard of every epoch, and the order changes between epochs
+    for epoch in (0, 1):
+        seen = [torch.cat([s["batch_index"] for s in r["steps"] if s["epoch"] == epoch]) for r in (r0, r1)]
+        assert len(set(seen[0].tolist())) == len(seen[0]) == 3 * BATCH
+        assert not set(seen[0].tolist()) & set(seen[1].tolist())
+    assert not torch.equal(r0["steps"][0]["batch_index"], r0["steps"][3]["batch_index"])
+
+    # the lr scales with the global batch (2 ranks x 16), not the per-device one
+    assert r0["lr"] == r1["lr"] == pytest.approx(0.06 * 2 * BATCH / 256)
+
+    # metrics are reduced across ranks: every rank reports the same value
+    for key in ("train/loss", "val/knn_top1", "val/linear_top1"):
+        assert key in r0["metrics"]
+        assert r0["metrics"][key] == r1["metrics"][key], key
