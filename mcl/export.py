@@ -1,0 +1,74 @@
+"""`python -m mcl.export ckpt_path=PATH out=FILE`: the backbone as a plain torchvision state_dict.
+
+`mcl.models.WidthResNet` is torchvision's ResNet with torchvision's parameter names and an
+Identity classifier, so the file (tensors only, `torch.load(FILE, weights_only=True)`) loads
+with strict key matching into `torchvision.models.resnet18()` / `resnet50()` whose `fc` is an
+Identity (and, for the CIFAR stem, whose conv1 is 3x3 stride 1 and maxpool an Identity). The
+export prints those lines. torchvision builds width 64 only; another width loads into
+`WidthResNet(arch, width, cifar_stem)`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from mcl.eval.common import EvalError
+from mcl.module import MCLModule
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf" / "eval")
+
+
+def backbone_state_dict(module: MCLModule, encoder: str = "query") -> dict[str, torch.Tensor]:
+    """The query backbone (or its EMA copy, encoder="key") as a CPU state_dict with torchvision's keys."""
+    if encoder not in ("query", "key"):
+        raise EvalError(f"encoder must be 'query' or 'key', got {encoder!r}")
+    backbone = module.backbone if encoder == "query" else module.key_backbone
+    return {name: t.detach().cpu().clone() for name, t in backbone.state_dict().items()}
+
+
+def torchvision_recipe(backbone: dict, out: str) -> str:
+    """Python lines that rebuild the exported backbone without mcl."""
+    arch, width, cifar_stem = backbone["arch"], backbone["width"], backbone["cifar_stem"]
+    if width != 64:
+        return (
+            f"# width {width}: torchvision's constructors build width 64 only; load it into mcl's ResNet:\n"
+            f"from mcl.models import WidthResNet\n"
+            f"model = WidthResNet({arch!r}, width={width}, cifar_stem={cifar_stem})\n"
+            f"model.load_state_dict(torch.load({out!r}, weights_only=True))"
+        )
+    lines = ["import torch, torchvision", f"model = torchvision.models.{arch}()"]
+    if cifar_stem:
+        lines.append("model.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False); model.maxpool = torch.nn.Identity()  # CIFAR stem")
+    lines += [
+        "model.fc = torch.nn.Identity()  # features; put your classifier here",
+        f"model.load_state_dict(torch.load({out!r}, weights_only=True))",
+    ]
+    return "\n".join(lines)
+
+
+def export(cfg: DictConfig) -> Path:
+    """Write the backbone of cfg.ckpt_path to cfg.out; returns the path."""
+    ckpt = Path(cfg.ckpt_path)
+    if not ckpt.is_file():
+        raise EvalError(f"ckpt_path={ckpt} is not a file (a .ckpt written by python -m mcl.train)")
+    module = MCLModule.load_from_checkpoint(ckpt, map_location="cpu")
+    state = backbone_state_dict(module, cfg.encoder)
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, out)
+    print(f"wrote the {cfg.encoder} backbone ({len(state)} tensors) to {out}; load it with:\n")
+    print(torchvision_recipe(module.hparams.backbone, str(out)))
+    return out
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="export")
+def main(cfg: DictConfig) -> None:
+    export(cfg)
+
+
+if __name__ == "__main__":
+    main()
