@@ -1,0 +1,203 @@
+"""Batched augmentation: both views of a whole batch with tensor ops, on the batch's device.
+
+The per-image path (mcl.data.transforms) runs torchvision's transforms once per image on the CPU;
+for CIFAR-sized images that Python work, not the network, bounds the step. Here the recipe is the
+same, and so is the distribution of every random parameter (each image draws its own crop box,
+flip, jitter strengths and order, grayscale and blur), but each op runs once for the whole batch:
+
+    uint8 B x 3 x H x W -> float [0, 1] -> crop+resize (roi_align) -> flip -> colour jitter in the
+    image's own order -> grayscale -> blur -> normalise            float B x 3 x size x size
+
+Random parameters are drawn on the CPU from an explicit torch.Generator (deterministic under a
+seed, identical on CPU and GPU) and only the small parameter tensors travel to the device.
+Differences from the per-image path, none of which changes the distribution of parameters:
+the per-image path rounds to uint8 after every op, this one stays in float; the crop samples
+its bilinear taps from the whole image (the per-image path clamps at the crop's border); a crop
+larger than `size` is box-averaged by roi_align instead of torchvision's antialias filter.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.nn import functional as F
+from torch.utils.data import Dataset
+from torchvision.ops import roi_align
+
+GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
+BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)  # ColorJitter's op ids
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    """n x 3 x H x W -> n x 1 x H x W luma."""
+    return torch.einsum("nchw,c->nhw", x, x.new_tensor(GRAY))[:, None]
+
+
+def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """factor * x + (1 - factor) * other, clamped to [0, 1]; factor: n."""
+    f = factor[:, None, None, None]
+    return (f * x + (1 - f) * other).clamp_(0, 1)
+
+
+def _shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate the HSV hue of each image by shift (n, in turns): torchvision's adjust_hue, batched."""
+    r, g, b = x.unbind(1)  # n x H x W each
+    maxc, minc = x.amax(1), x.amin(1)
+    delta = maxc - minc
+    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+    h = torch.where(maxc == r, (g - b) / safe, torch.where(maxc == g, 2 + (b - r) / safe, 4 + (r - g) / safe))
+    h = (h / 6 + shift[:, None, None]).remainder(1.0)
+    s = delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc))
+    # HSV -> RGB: channel n = v - v*s*clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6, n = 5, 3, 1
+    k = (x.new_tensor([5.0, 3.0, 1.0])[None, :, None, None] + 6 * h[:, None]).remainder(6)  # n x 3 x H x W
+    return maxc[:, None] - (maxc * s)[:, None] * torch.minimum(k, 4 - k).clamp(0, 1)
+
+
+def _blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Gaussian blur with one sigma per image (n), reflect padding: torchvision's gaussian_blur, batched."""
+    n, c, h, w = x.shape
+    taps = torch.arange(kernel_size, dtype=x.dtype, device=x.device) - (kernel_size - 1) / 2
+    k1 = torch.softmax(-0.5 * (taps[None] / sigma[:, None]) ** 2, dim=1)  # n x k
+    k2 = (k1[:, :, None] * k1[:, None, :]).repeat_interleave(c, dim=0)[:, None]  # (n*c) x 1 x k x k
+    pad = kernel_size // 2
+    padded = F.pad(x.reshape(1, n * c, h, w), (pad, pad, pad, pad), mode="reflect")
+    return F.conv2d(padded, k2, groups=n * c).reshape(n, c, h, w)
+
+
+def _rows(mask: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    """CPU bool mask (n) -> indices on `device`, or None when no row is selected."""
+    index = mask.nonzero().flatten()
+    return index.to(device, non_blocking=True) if index.numel() else None
+
+
+class BatchedView:
+    """One augmented view of a batch, with the parameters of `mcl.data.transforms.strong_view`.
+
+    `weak_view` is the same class with jitter, grayscale and blur switched off.
+    Call with a uint8 batch B x 3 x H x W (any device) and a CPU torch.Generator.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        mean: list[float],
+        std: list[float],
+        crop_scale: tuple[float, float] = (0.2, 1.0),
+        jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1),
+        jitter_prob: float = 0.8,
+        gray_prob: float = 0.2,
+        blur_prob: float = 0.0,
+        flip_prob: float = 0.5,
+        crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),  # RandomResizedCrop's default
+        blur_sigma: tuple[float, float] = (0.1, 2.0),  # as in transforms.strong_view
+    ):
+        self.size, self.mean, self.std = size, list(mean), list(std)
+        self.crop_scale, self.crop_ratio = tuple(crop_scale), tuple(crop_ratio)
+        b, c, s, h = jitter
+        # ColorJitter's ranges; a zero strength switches the op off
+        self.jitter_ranges = [(max(0.0, 1 - b), 1 + b) if b else None, (max(0.0, 1 - c), 1 + c) if c else None]
+        self.jitter_ranges += [(max(0.0, 1 - s), 1 + s) if s else None, (-h, h) if h else None]
+        self.jitter_prob, self.gray_prob, self.flip_prob = jitter_prob, gray_prob, flip_prob
+        self.blur_prob, self.blur_sigma = blur_prob, tuple(blur_sigma)
+        self.blur_kernel = 2 * (size // 20) + 1  # as in transforms.strong_view
+
+    def sample(self, n: int, height: int, width: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Each image's random parameters (CPU tensors), drawn as torchvision draws them."""
+
+        def uniform(*shape: int, low: float = 0.0, high: float = 1.0) -> torch.Tensor:
+            return torch.empty(shape).uniform_(low, high, generator=generator)
+
+        # RandomResizedCrop: 10 tries of (area, log-ratio); the first box that fits, else the central fallback
+        area = height * width * uniform(n, 10, low=self.crop_scale[0], high=self.crop_scale[1])  # n x 10
+        ratio = torch.exp(uniform(n, 10, low=math.log(self.crop_ratio[0]), high=math.log(self.crop_ratio[1])))
+        w, h = torch.sqrt(area * ratio).round(), torch.sqrt(area / ratio).round()  # n x 10
+        fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+        first = fits.int().argmax(1, keepdim=True)  # n x 1
+        w, h, found = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0], fits.any(1)  # n
+        fw, fh = width, height
+        if width / height < self.crop_ratio[0]:
+            fh = round(width / self.crop_ratio[0])
+        elif width / height > self.crop_ratio[1]:
+            fw = round(height * self.crop_ratio[1])
+        w, h = torch.where(found, w, float(fw)), torch.where(found, h, float(fh))
+        top = torch.where(found, (uniform(n) * (height - h + 1)).floor(), ((height - h) // 2))
+        left = torch.where(found, (uniform(n) * (width - w + 1)).floor(), ((width - w) // 2))
+        # ColorJitter inside RandomApply: strengths uniform in their ranges, op order a uniform permutation
+        factors = torch.stack([uniform(n, low=r[0], high=r[1]) if r else torch.full((n,), math.nan) for r in self.jitter_ranges], 1)
+        return {
+            "box": torch.stack([left, top, left + w, top + h], 1),  # n x 4, x1 y1 x2 y2
+            "flip": uniform(n) < self.flip_prob,
+            "jitter": uniform(n) < self.jitter_prob,
+            "jitter_factor": factors,  # n x 4 (nan: op off)
+            "jitter_order": uniform(n, 4).argsort(1),  # n x 4, op id at each position
+            "gray": uniform(n) < self.gray_prob,
+            "blur": uniform(n) < self.blur_prob,
+            "blur_sigma": uniform(n, low=self.blur_sigma[0], high=self.blur_sigma[1]),
+        }
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """uint8 B x 3 x H x W -> normalised float B x 3 x size x size."""
+        n, _, height, width = images.shape
+        p = self.sample(n, height, width, generator)
+        dev = images.device
+        x = images.float().div_(255).contiguous()  # B x 3 x H x W
+        boxes = torch.cat([torch.arange(n, dtype=torch.float32)[:, None], p["box"]], 1).to(dev, non_blocking=True)  # B x 5
+        x = roi_align(x, boxes, self.size, sampling_ratio=-1, aligned=True)  # B x 3 x size x size
+        if (rows := _rows(p["flip"], dev)) is not None:
+            x[rows] = x[rows].flip(-1)
+        ops = (
+            lambda v, f: (v * f[:, None, None, None]).clamp_(0, 1),
+            lambda v, f: _blend(v, _gray(v).mean((1, 2, 3), keepdim=True), f),
+            lambda v, f: _blend(v, _gray(v), f),
+            _shift_hue,
+        )
+        for position in range(4):  # each image applies its own permutation of the four ops
+            for op_id, op in enumerate(ops):
+                selected = p["jitter"] & (p["jitter_order"][:, position] == op_id) & ~p["jitter_factor"][:, op_id].isnan()
+                if (rows := _rows(selected, dev)) is not None:
+                    x[rows] = op(x[rows], p["jitter_factor"][selected, op_id].to(dev, non_blocking=True))
+        if (rows := _rows(p["gray"], dev)) is not None:
+            x[rows] = _gray(x[rows]).expand(-1, 3, -1, -1)
+        if (rows := _rows(p["blur"], dev)) is not None:
+            x[rows] = _blur(x[rows], p["blur_sigma"][p["blur"]].to(dev, non_blocking=True), self.blur_kernel)
+        mean, std = x.new_tensor(self.mean)[None, :, None, None], x.new_tensor(self.std)[None, :, None, None]
+        return (x - mean) / std
+
+
+def strong_view(size: int, mean: list[float], std: list[float], **recipe) -> BatchedView:
+    """The batched counterpart of `mcl.data.transforms.strong_view` (same keyword arguments)."""
+    return BatchedView(size, mean, std, **recipe)
+
+
+def weak_view(
+    size: int, mean: list[float], std: list[float], crop_scale: tuple[float, float] = (0.2, 1.0), flip_prob: float = 0.5, **_
+) -> BatchedView:
+    """The batched counterpart of `mcl.data.transforms.weak_view`: crop and flip only."""
+    return BatchedView(size, mean, std, crop_scale=crop_scale, jitter_prob=0.0, gray_prob=0.0, blur_prob=0.0, flip_prob=flip_prob)
+
+
+class ImageBatches(Dataset):
+    """Whole training batches from one uint8 N x H x W x 3 tensor, for the batched views.
+
+    The loader gathers a batch in one indexing op (`__getitems__`, then `whole_batch` as the
+    collate_fn) and yields (uint8 B x H x W x 3, index B, label B); with images=None (the images
+    live on the training device) it yields (index, label) only.
+    """
+
+    def __init__(self, images: torch.Tensor | None, labels: torch.Tensor):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, ...]:
+        index = torch.as_tensor(indices)
+        if self.images is None:
+            return index, self.labels[index]
+        return self.images[index], index, self.labels[index]
+
+
+def whole_batch(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """collate_fn for ImageBatches: `__getitems__` already built the batch."""
+    return batch
