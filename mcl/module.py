@@ -94,6 +94,9 @@ class MCLModule(L.LightningModule):
         self._pending: tuple[torch.Tensor, ...] | None = None  # keys to enqueue after backward
         if model["channels_last"]:
             self.to(memory_format=torch.channels_last)
+        if model["compile"]:  # in place: parameter names, checkpoints and the EMA update stay as they are
+            self.backbone.compile()
+            self.key_backbone.compile()
 
     # --- encoders -----------------------------------------------------------------------
     def _images(self, x: torch.Tensor) -> torch.Tensor:
