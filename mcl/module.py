@@ -24,6 +24,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from mcl.bank import MemoryBank
 from mcl.loss import weighted_infonce
 from mcl.mining.base import MiningContext, NegativeSelection, PositiveSelection
+from mcl.mining.diagnostics import mining_diagnostics
 from mcl.models import mlp
 from mcl.monitors import knn_predict, topk_accuracy
 
@@ -86,6 +87,9 @@ class MCLModule(L.LightningModule):
         self.bank = MemoryBank(model["queue_size"], model["proj_out"])
         self.positive = hydra.utils.instantiate(mining["positive"])
         self.negative = hydra.utils.instantiate(mining["negative"])
+        for strategy in (self.positive, self.negative):  # bad knobs fail here, before training
+            if hasattr(strategy, "validate"):
+                strategy.validate(model["queue_size"])
         self.num_classes = num_classes
         self.linear_probe = nn.Linear(dim, num_classes)
         self.val_linear_top1 = MulticlassAccuracy(num_classes, top_k=1, ignore_index=-1)
@@ -139,13 +143,13 @@ class MCLModule(L.LightningModule):
             progress=self.progress,
         )
         with torch.no_grad():
-            pos, neg = self.positive(ctx), self.negative(ctx)
+            pos = self.positive(ctx)
+        neg = self.negative(ctx)  # with gradient: a debiased log_mass is part of the loss
         logits = torch.cat([(q * k).sum(1, keepdim=True), bank_sim], dim=1) / tau  # B x (1+K)
         targets = build_targets(pos, bank_keys.shape[0], logits)
         log_weight = None
         if neg.weight is not None:
-            weight = neg.weight.clone()
-            weight.scatter_(1, pos.index, 1.0)  # a mined positive always stays in the normaliser
+            weight = neg.weight if targets is None else torch.where(targets[:, 1:] > 0, 1.0, neg.weight)  # mined positives stay in Z
             log_weight = F.pad(weight.log(), (1, 0))  # B x (1+K), 0 for the augmented positive
         loss = weighted_infonce(logits, targets, log_weight, neg.log_mass)
         return loss, ctx, pos, neg
@@ -158,14 +162,26 @@ class MCLModule(L.LightningModule):
         q1, q2 = F.normalize(self.predictor(self.projector(features)), dim=1).split(b)  # B x D each
         with torch.no_grad():
             k1, k2 = F.normalize(self.key_projector(self.key_backbone(self._images(torch.cat([x1, x2])))), dim=1).split(b)
-        loss12, *_ = self.contrast(q1, k2, index)
-        loss21, *_ = self.contrast(q2, k1, index)
+        loss12, *mined12 = self.contrast(q1, k2, index)
+        loss21, *mined21 = self.contrast(q2, k1, index)
         loss = 0.5 * (loss12 + loss21)
+        self._log_mining(labels, mined12, mined21)
         probe_loss = F.cross_entropy(self.linear_probe(features[:b].detach()), labels, ignore_index=-1)
         self._pending = (torch.cat([k1, k2]), torch.cat([index, index]), torch.cat([labels, labels]))
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         self.log("train/linear_loss", probe_loss, sync_dist=True)
         return loss + probe_loss
+
+    def _log_mining(self, labels: torch.Tensor, *directions: list) -> None:
+        """`mining/*` diagnostics (mcl.mining.diagnostics), averaged over the two directions.
+
+        Labels are read here only. Logged from each rank's own batch without a collective: a
+        diagnostic is absent in a step where it is undefined (e.g. purity before mining starts).
+        """
+        stats = [mining_diagnostics(ctx, pos, neg, labels, self.bank.labels) for ctx, pos, neg in directions]
+        for name in stats[0].keys() & stats[1].keys():
+            value = 0.5 * (stats[0][name] + stats[1][name])
+            self.log(f"mining/{name}", value, on_step=True, on_epoch=True, batch_size=labels.shape[0])
 
     @torch.no_grad()
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
