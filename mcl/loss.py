@@ -27,6 +27,9 @@ def weighted_infonce(
                   then Z_i = sum_{j: t_ij > 0} exp(l_ij) + exp(neg_log_mass_i).
     With targets=None and no weights this is exactly F.cross_entropy(logits, 0).
     """
+    weighted = logits if log_weight is None else logits + log_weight
+    if targets is None and neg_log_mass is None:  # plain MoCo: the column-0 cross-entropy itself
+        return F.cross_entropy(weighted, logits.new_zeros(logits.shape[0], dtype=torch.long))
     if targets is None:
         targets = torch.zeros_like(logits)
         targets[:, 0] = 1.0
@@ -35,7 +38,6 @@ def weighted_infonce(
         log_z = torch.logaddexp(torch.logsumexp(positives, dim=1), neg_log_mass)  # B
         log_prob = logits - log_z[:, None]
     else:
-        weighted = logits if log_weight is None else logits + log_weight
         log_prob = F.log_softmax(weighted, dim=1)  # B x (1+K)
     # 0 * -inf is nan: entries without target mass contribute exactly zero
     per_row = -(targets * log_prob.masked_fill(targets <= 0, 0.0)).sum(dim=1)  # B
