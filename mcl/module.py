@@ -184,12 +184,16 @@ class MCLModule(L.LightningModule):
             self.log(f"mining/{name}", value, on_step=True, on_epoch=True, batch_size=labels.shape[0])
 
     @torch.no_grad()
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+    def on_after_backward(self) -> None:
         """Enqueue after backward (the loss read the bank in place, without a copy).
 
         Keys of every rank are gathered, in the same order everywhere, so all banks stay identical.
+        Done here, not in on_train_batch_end: callbacks (ModelCheckpoint) run before the module's
+        on_train_batch_end, so a checkpoint taken there would miss this step's keys.
         """
-        keys, index, labels = self._pending
+        if self._pending is None:
+            return
+        (keys, index, labels), self._pending = self._pending, None
         if self.trainer.world_size > 1:
             keys, index, labels = (t.flatten(0, 1) for t in self.all_gather((keys, index, labels)))
         self.bank.enqueue(keys, index, labels)

@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mcl.data.datamodule import ContrastiveDataModule
 from mcl.module import MCLModule
+from mcl.reliability import resume_checkpoint
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -40,6 +41,41 @@ def check_config(cfg: DictConfig, world_size: int) -> None:
             f"model.queue_size={cfg.model.queue_size} must be a multiple of the keys enqueued per step: "
             f"2 views x data.batch_size={cfg.data.batch_size} x {world_size} device(s) = {keys_per_step}"
         )
+    check_ranges(cfg)
+    check_resume_and_callbacks(cfg)
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    return value
+
+
+def check_ranges(cfg: DictConfig) -> None:
+    """Numbers outside the range where training means anything."""
+    for name in ("optim.lr", "model.temperature", "monitor.knn_t", "monitor.linear_lr"):
+        if not _number(name, OmegaConf.select(cfg, name)) > 0:
+            raise ConfigError(f"{name} must be > 0, got {OmegaConf.select(cfg, name)}")
+    for name in ("optim.weight_decay", "optim.warmup_epochs", "optim.momentum", "data.num_workers"):
+        if _number(name, OmegaConf.select(cfg, name)) < 0:
+            raise ConfigError(f"{name} must be >= 0, got {OmegaConf.select(cfg, name)}")
+    if not 0 <= _number("model.momentum", cfg.model.momentum) < 1:
+        raise ConfigError(
+            f"model.momentum (EMA of the key encoder) must lie in [0, 1), got {cfg.model.momentum}; 1 freezes the key encoder"
+        )
+    if cfg.model.momentum_schedule not in ("const", "cosine"):
+        raise ConfigError(f"model.momentum_schedule must be 'const' or 'cosine', got {cfg.model.momentum_schedule!r}")
+    if _number("monitor.knn_k", cfg.monitor.knn_k) < 1:
+        raise ConfigError(f"monitor.knn_k must be >= 1, got {cfg.monitor.knn_k}")
+
+
+def check_resume_and_callbacks(cfg: DictConfig) -> None:
+    """Resuming needs checkpoints, and one source of them."""
+    targets = [str(c.get("_target_", "")) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    if cfg.ckpt_path is not None and cfg.auto_resume:
+        raise ConfigError(f"set either ckpt_path (got {cfg.ckpt_path}) or auto_resume=true, not both")
+    if cfg.auto_resume and not any(t.endswith("ModelCheckpoint") for t in targets):
+        raise ConfigError("auto_resume=true resumes from this run's checkpoints, but no callback writes any: use callbacks=default")
 
 
 def wandb_offline_unless_logged_in(cfg: DictConfig) -> None:
@@ -77,6 +113,10 @@ def build(cfg: DictConfig) -> tuple[ContrastiveDataModule, MCLModule, L.Trainer]
         monitor=plain(cfg.monitor),
         num_classes=datamodule.num_classes,
     )
+    if cfg.auto_resume:  # resolved once here (every DDP process finds the same file); recorded in config_resolved.yaml
+        cfg.ckpt_path, cfg.auto_resume = resume_checkpoint(cfg, model, trainer), False
+    elif cfg.ckpt_path is not None:
+        resume_checkpoint(cfg, model, trainer)  # readable and of this architecture, before training starts
     return datamodule, model, trainer
 
 

@@ -1,0 +1,350 @@
+"""Runs that survive preemption and crashes, resume exactly, and stop loudly when they diverge.
+
+What makes a resumed run continue as if never stopped (on CPU with `trainer.deterministic=true`,
+final weights equal an uninterrupted run's bit for bit):
+- model, EMA key encoder, memory bank, optimizer, scheduler and loop position: Lightning's own
+  checkpoint (the bank lives in registered buffers);
+- the data order: `ResumableSampler`, a function of (seed, epoch) alone, skips the batches an
+  interrupted epoch already trained on; its state rides in the datamodule's `state_dict`;
+- the augmentations: `SeededItems` draws every item's views from its own seed (also drawn from
+  (seed, epoch)), so they do not depend on workers, ranks or where the run was stopped;
+- the other random streams (torch, numpy, python; one state per rank): `ResumeState` stores
+  them in every checkpoint and sets them back when training restarts.
+
+Faults: `AtomicCheckpointIO` writes each checkpoint beside its target and renames it into place;
+`ResumeState` saves `last.ckpt` on SIGTERM; `NonFiniteLossGuard` stops the run at the first
+non-finite loss, before that step updates the weights or writes a checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import secrets
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from torch.utils.data import Dataset, DistributedSampler
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from; raised before training starts."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+# --- data order ---------------------------------------------------------------------------
+class ResumableSampler(DistributedSampler):
+    """Yields this rank's dataset indices (with_seeds: (index, item seed) pairs) in an order fixed by (seed, epoch).
+
+    The epoch's order is randperm(N) under seed + epoch, cut to a multiple of the world size
+    (drop_last); rank r takes positions r, r + W, ... (disjoint shards). `skip` items of this
+    rank are left out of epoch `skip_epoch`: the ones an interrupted run already trained on.
+    A DistributedSampler, so Lightning sets its epoch and does not replace it under DDP.
+    """
+
+    def __init__(
+        self, dataset: Dataset, num_replicas: int, rank: int, seed: int, skip_epoch: int = -1, skip: int = 0, with_seeds: bool = True
+    ):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.skip_epoch, self.skip, self.with_seeds = skip_epoch, skip, with_seeds
+        if skip_epoch >= 0:
+            self.epoch = skip_epoch  # right even if the loader is iterated before Lightning sets the epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.dataset), generator=g)[: self.total_size]  # N' (a multiple of W)
+        seeds = torch.randint(2**62, (len(order),), generator=g)  # N', one augmentation seed per position
+        start = self.rank + (self.skip * self.num_replicas if self.epoch == self.skip_epoch else 0)
+        mine = order[start :: self.num_replicas].tolist()
+        return zip(mine, seeds[start :: self.num_replicas].tolist()) if self.with_seeds else iter(mine)
+
+
+class SeededItems(Dataset):
+    """Item (i, seed) -> dataset[i], computed with torch's CPU generator seeded with `seed`.
+
+    The caller's random state is left as it was (torchvision's transforms draw from torch).
+    """
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]):
+        index, seed = item
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            return self.dataset[index]
+
+
+class DataOrder:
+    """Seed and position of the training order; checkpointed through the datamodule's state_dict.
+
+    seed: None draws one (rank 0's, broadcast) when training starts; it is then saved, so a
+    resumed unseeded run keeps its order.
+    """
+
+    def __init__(self, seed: int | None = None):
+        self.seed = seed
+        self.resume: dict[str, int] | None = None  # position loaded from a checkpoint
+
+    def sampler(self, dataset: Dataset, batch_size: int, trainer: L.Trainer | None, with_seeds: bool = True) -> ResumableSampler:
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        if self.seed is None:
+            self.seed = secrets.randbits(31)
+            if trainer is not None:
+                self.seed = trainer.strategy.broadcast(self.seed)
+        skip_epoch, skip = -1, 0
+        if self.resume is not None and self.resume["batches_done"] > 0:
+            saved = (self.resume["world_size"], self.resume["batch_size"])
+            if saved != (world, batch_size):
+                raise CheckpointError(
+                    f"the checkpoint was taken mid-epoch with {saved[0]} device(s) x data.batch_size={saved[1]}; resuming it "
+                    f"with {world} x {batch_size} would repeat or skip images. Resume with the same devices and batch size, "
+                    "or from an epoch-end checkpoint."
+                )
+            skip_epoch, skip = self.resume["epoch"], self.resume["batches_done"] * batch_size
+        return ResumableSampler(dataset, world, rank, self.seed, skip_epoch, skip, with_seeds)
+
+    def state_dict(self, trainer: L.Trainer | None, batch_size: int) -> dict[str, Any]:
+        epoch = trainer.current_epoch if trainer is not None else 0
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed if trainer is not None else 0
+        world = trainer.world_size if trainer is not None else 1
+        return {"seed": self.seed, "epoch": epoch, "batches_done": done, "world_size": world, "batch_size": batch_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.seed, self.resume = state["seed"], dict(state)
+
+
+# --- random states ------------------------------------------------------------------------
+def rng_state() -> dict[str, Any]:
+    """This process's random streams, as plain containers and tensors (loadable with weights_only)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(state["python"])
+
+
+def last_checkpoint_path(trainer: L.Trainer) -> Path:
+    ckpt = trainer.checkpoint_callback
+    folder = Path(ckpt.dirpath) if ckpt is not None and ckpt.dirpath else Path(trainer.default_root_dir) / "checkpoints"
+    return folder / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
+
+
+class ResumeState(L.Callback):
+    """Random states of every rank in each checkpoint, set back when training restarts; last.ckpt on SIGTERM.
+
+    The states are restored at `on_train_start`, after Lightning has rebuilt everything else, so
+    the first random draw of the resumed run is the one the interrupted run would have made.
+    SIGTERM (what SLURM sends before preemption; Lightning stops at the end of the current batch)
+    writes last.ckpt, then the process exits with status 0.
+    """
+
+    def __init__(self) -> None:
+        self._to_restore: list[dict[str, Any]] | None = None
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        states = [rng_state()]
+        if trainer.world_size > 1 and torch.distributed.is_initialized():
+            states = [None] * trainer.world_size
+            torch.distributed.all_gather_object(states, rng_state())
+        checkpoint["rng_states"] = states  # one per rank
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._to_restore = checkpoint.get("rng_states")
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        states, self._to_restore = self._to_restore, None
+        if states is None:
+            return
+        if len(states) != trainer.world_size:
+            rank_zero_warn(f"the checkpoint holds random states of {len(states)} rank(s), this run has {trainer.world_size}: not restored")
+            return
+        set_rng_state(states[trainer.global_rank])
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, SIGTERMException):
+            return
+        path = last_checkpoint_path(trainer)
+        trainer.save_checkpoint(path)
+        rank_zero_info(
+            f"mcl: SIGTERM received; saved {path} at step {trainer.global_step} (epoch {trainer.current_epoch}). "
+            f"Resume with ckpt_path={path} (or auto_resume=true with the same run dir)."
+        )
+
+
+# --- divergence ---------------------------------------------------------------------------
+class NonFiniteLossGuard(L.Callback):
+    """Stops training at the first NaN/inf loss, before the backward pass and the optimizer step.
+
+    The decision is reduced over ranks, so every DDP process stops at the same step. Nothing is
+    saved afterwards: the last checkpoint on disk stays the last good one.
+    """
+
+    def __init__(self) -> None:
+        self._batch: Any = None
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._batch = batch
+
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
+        bad = trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(loss).all()), all=False)
+        if bad:
+            raise NonFiniteLossError(self._message(trainer, pl_module, loss))
+
+    def _message(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> str:
+        hp = pl_module.hparams
+        views = [t for t in (self._batch or [])[:2] if torch.is_tensor(t) and t.is_floating_point()]
+        if any(not torch.isfinite(p).all() for p in pl_module.parameters()):
+            cause = "the weights are already non-finite: an earlier update diverged (optim.lr too high?)"
+        elif views and not all(torch.isfinite(v).all() for v in views):
+            cause = "this batch's images hold NaN/inf values (check the dataset and its mean/std)"
+        else:
+            cause = (
+                f"the loss overflowed with finite weights and inputs: optim.lr={hp['optim']['lr']} too high or "
+                f"model.temperature={hp['model']['temperature']} too low (or half precision overflowing: trainer.precision)"
+            )
+        last = last_checkpoint_path(trainer)
+        kept = f"the last good checkpoint {last} was left untouched" if last.is_file() else "no checkpoint had been written yet"
+        where = f"global step {trainer.global_step} (epoch {trainer.current_epoch}, batch {trainer.fit_loop.epoch_loop.batch_idx + 1})"
+        return f"non-finite training loss ({loss.item()}) at {where}. Likely cause: {cause}. Training stopped; {kept}."
+
+
+# --- checkpoint files ---------------------------------------------------------------------
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes `path.tmp` in the target's folder, flushes it to disk, then renames it onto `path`.
+
+    A crash at any point leaves either the previous file or the new one, never a torn file.
+    (Lightning writes to the system temp folder and moves the file: when that folder is on
+    another filesystem, the move is a copy and a crash can leave a truncated checkpoint.)
+    Reading a corrupt or truncated file raises `CheckpointError` naming it.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None) -> None:
+        if "://" in str(path):  # remote storage: Lightning's fsspec transaction
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable
+            fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def load_checkpoint(self, path: str | Path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        try:
+            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        except FileNotFoundError:
+            raise
+        except Exception as err:
+            raise CheckpointError(f"{path} is not a readable checkpoint ({type(err).__name__}: {err})") from err
+
+
+REQUIRED_KEYS = ("state_dict", "loops", "optimizer_states", "global_step", "epoch")
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint at `path` (memory-mapped: cheap), or CheckpointError saying why it cannot be resumed."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"ckpt_path={path}: no such file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or truncated: {type(err).__name__}: {err})") from err
+    missing = [k for k in REQUIRED_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path} is not a training checkpoint of mcl: it lacks {missing}")
+    return ckpt
+
+
+def incompatibilities(ckpt: dict[str, Any], model: torch.nn.Module) -> list[str]:
+    """Tensors whose name or shape differ between the checkpoint and the model this config builds."""
+    saved, ours = ckpt["state_dict"], model.state_dict()
+    out = [f"{k}: in the checkpoint, not in this model" for k in saved.keys() - ours.keys()]
+    out += [f"{k}: in this model, not in the checkpoint" for k in ours.keys() - saved.keys()]
+    out += [
+        f"{k}: {tuple(saved[k].shape)} in the checkpoint, {tuple(ours[k].shape)} here"
+        for k in saved.keys() & ours.keys()
+        if saved[k].shape != ours[k].shape
+    ]
+    return sorted(out)
+
+
+def check_resume_checkpoint(path: str | Path, model: torch.nn.Module) -> dict[str, Any]:
+    """Readable and of the same architecture (backbone, heads, bank), or CheckpointError listing the differences."""
+    ckpt = read_checkpoint(path)
+    problems = incompatibilities(ckpt, model)
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; ... ({len(problems)} in all)" if len(problems) > 5 else "")
+        raise CheckpointError(f"{path} does not fit this config's model: {shown}. Resume with the settings it was trained with.")
+    return ckpt
+
+
+def find_resume_checkpoint(folder: str | Path, model: torch.nn.Module) -> Path | None:
+    """The compatible checkpoint in `folder` with the most training steps (the newest on a tie).
+
+    Unreadable or incompatible files are reported and passed over; None when the folder holds no
+    checkpoint at all; CheckpointError when it holds some but none can be resumed.
+    """
+    found = sorted(Path(folder).glob("*.ckpt"))
+    usable, rejected = [], []
+    for path in found:
+        try:
+            ckpt = check_resume_checkpoint(path, model)
+        except CheckpointError as err:
+            rejected.append(str(err))
+            continue
+        usable.append((int(ckpt["global_step"]), path.stat().st_mtime, path))
+    for reason in rejected:
+        rank_zero_warn(f"auto_resume: skipping {reason}")
+    if found and not usable:
+        raise CheckpointError(f"auto_resume: no checkpoint in {folder} can be resumed: " + " | ".join(rejected))
+    return max(usable)[2] if usable else None
+
+
+def resume_checkpoint(cfg: Any, model: torch.nn.Module, trainer: L.Trainer) -> str | None:
+    """The checkpoint a run resumes from: `ckpt_path` (checked), or with `auto_resume` the one
+    `find_resume_checkpoint` picks in the checkpoint callback's folder (None: a fresh start)."""
+    if cfg.ckpt_path is not None:
+        check_resume_checkpoint(cfg.ckpt_path, model)
+        return str(cfg.ckpt_path)
+    if not cfg.get("auto_resume"):
+        return None
+    folder = Path(trainer.checkpoint_callback.dirpath)
+    path = find_resume_checkpoint(folder, model)
+    rank_zero_info(f"mcl: auto_resume from {path}" if path else f"mcl: auto_resume found no checkpoint in {folder}; starting from scratch")
+    return None if path is None else str(path)
