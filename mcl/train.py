@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
 from mcl.data.datamodule import ContrastiveDataModule
@@ -93,6 +95,19 @@ def instantiate_dict(node: DictConfig | None) -> list:
     return [hydra.utils.instantiate(v) for v in (node or {}).values() if v is not None]
 
 
+@contextmanager
+def own_errors():
+    """Hydra wraps an error raised while building a `_target_`; a check's ValueError (ConfigError,
+    DatasetError, ...) is re-raised as it is, so the user reads the check's own message."""
+    try:
+        yield
+    except InstantiationException as err:
+        if isinstance(err.__cause__, ValueError):
+            raise err.__cause__ from None
+        raise
+
+
+@own_errors()
 def build(cfg: DictConfig) -> tuple[ContrastiveDataModule, MCLModule, L.Trainer]:
     """The three Lightning pieces, with the data loaded and every check done."""
     if cfg.seed is not None:
