@@ -123,25 +123,29 @@ class MCLModule(L.LightningModule):
         return min(1.0, self.global_step / total) if total and math.isfinite(total) else 0.0
 
     # --- loss ---------------------------------------------------------------------------
+    def mining_context(self, q: torch.Tensor, k: torch.Tensor, index: torch.Tensor) -> MiningContext:
+        """What the mining strategies see: q, k B x D normalised, index B dataset indices (the panel calls this too)."""
+        bank_keys = self.bank.keys.detach()  # K x D, before this step's enqueue
+        return MiningContext(
+            query=q,
+            key=k,
+            bank_keys=bank_keys,
+            bank_sim=q @ bank_keys.T,  # B x K
+            key_bank_sim=k @ bank_keys.T,
+            bank_index=self.bank.indices,
+            batch_index=index,
+            temperature=self.cfg_model["temperature"],
+            bank_full=self.bank.is_full,
+            progress=self.progress,
+        )
+
     def contrast(
         self, q: torch.Tensor, k: torch.Tensor, index: torch.Tensor
     ) -> tuple[torch.Tensor, MiningContext, PositiveSelection, NegativeSelection]:
         """One direction of the loss. q, k: B x D normalised; index: B dataset indices."""
         tau = self.cfg_model["temperature"]
-        bank_keys = self.bank.keys.detach()  # K x D, before this step's enqueue
-        bank_sim = q @ bank_keys.T  # B x K
-        ctx = MiningContext(
-            query=q,
-            key=k,
-            bank_keys=bank_keys,
-            bank_sim=bank_sim,
-            key_bank_sim=k @ bank_keys.T,
-            bank_index=self.bank.indices,
-            batch_index=index,
-            temperature=tau,
-            bank_full=self.bank.is_full,
-            progress=self.progress,
-        )
+        ctx = self.mining_context(q, k, index)
+        bank_keys, bank_sim = ctx.bank_keys, ctx.bank_sim  # K x D, B x K
         with torch.no_grad():
             pos = self.positive(ctx)
         neg = self.negative(ctx)  # with gradient: a debiased log_mass is part of the loss

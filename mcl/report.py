@@ -129,24 +129,25 @@ def read_metrics(path: Path) -> dict[str, dict[int, float]]:
     return {name: {e: float(np.mean(v)) for e, v in sorted(by_epoch.items())} for name, by_epoch in sums.items()}
 
 
-def expected_jobs(sweep_dir: Path) -> list[list[str]]:
-    """The overrides of every job the sweep planned, in launch order (job i runs in subdir i).
-
-    Re-expands `multirun.yaml` (the sweeper's params, then the command line) the way Hydra's
-    basic sweeper does: a cartesian product, later keys varying fastest.
-    """
-    path = sweep_dir / "multirun.yaml"
-    if not path.exists():
-        return []
-    cfg = OmegaConf.load(path)
-    params = [f"{k}={v}" for k, v in (OmegaConf.select(cfg, "hydra.sweeper.params") or {}).items()]
-    parsed = OverridesParser.create().parse_overrides([*params, *OmegaConf.select(cfg, "hydra.overrides.task")])
+def expand_grid(params: dict[str, str], task_overrides: list[str]) -> list[list[str]]:
+    """The overrides of every job of a sweep, in launch order: what Hydra's basic sweeper does
+    with its params and the command line (a cartesian product, later keys varying fastest)."""
+    parsed = OverridesParser.create().parse_overrides([*(f"{k}={v}" for k, v in params.items()), *task_overrides])
     choices: dict[str, list[str]] = {}
     for o in parsed:
         key = o.get_key_element()
         values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
         choices[key] = [f"{key}={v}" for v in values]
     return [list(job) for job in itertools.product(*choices.values())]
+
+
+def expected_jobs(sweep_dir: Path) -> list[list[str]]:
+    """The overrides of every job the sweep planned (job i runs in subdir i), from its multirun.yaml."""
+    path = sweep_dir / "multirun.yaml"
+    if not path.exists():
+        return []
+    cfg = OmegaConf.load(path)
+    return expand_grid(dict(OmegaConf.select(cfg, "hydra.sweeper.params") or {}), list(OmegaConf.select(cfg, "hydra.overrides.task")))
 
 
 def load_sweep(sweep_dir: str | Path) -> list[Job]:
@@ -259,7 +260,8 @@ def markdown(sweep_dir: Path, jobs: list[Job], groups: list[Group], plots: list[
         "",
         "## Results",
         "",
-        *(_table(groups, monitors) if monitors else ["No completed job logged a `val/*` monitor (is the csv logger on?)."]),
+        *_table(groups, monitors),
+        *([] if monitors else ["", "No completed job logged a `val/*` monitor (runs without the csv logger have no metrics.csv)."]),
         "",
     ]
     if diagnostics:
@@ -371,9 +373,9 @@ def plot_diagnostics(groups: list[Group]) -> Figure | None:
 def write_report(sweep_dir: str | Path, out: str | Path | None = None, average_over: tuple[str, ...] = ("seed",)) -> Path:
     """Write report.md, report.json and the plots into `out` (default: the sweep dir)."""
     sweep_dir = Path(sweep_dir)
+    jobs = load_sweep(sweep_dir)
     out = Path(out) if out is not None else sweep_dir
     out.mkdir(parents=True, exist_ok=True)
-    jobs = load_sweep(sweep_dir)
     groups = group_jobs(jobs, average_over)
     plots = []
     for name, fig in (
