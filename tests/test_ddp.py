@@ -13,6 +13,7 @@ import lightning as L
 import pytest
 import torch
 from conftest import run_cli
+from test_resume import KEEP_ALL, assert_same_training_state, load
 
 HERE = Path(__file__).resolve().parent
 BATCH, QUEUE = 16, 128  # 2 views x 16 x 2 ranks = 64 keys a step: the bank turns over every 2 steps
@@ -59,15 +60,21 @@ class BankProbe(L.Callback):
 def run_ddp(tmp_path: Path, name: str, *extra: str):
     out = tmp_path / name
     args = [*DDP_TINY, f"paths.output_dir={out}", f"hydra.run.dir={out}", "+callbacks.probe._target_=test_ddp.BankProbe", *extra]
-    env = {"PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+    env = {"PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
     proc = run_cli(args, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return out, [torch.load(out / f"probe_rank{r}.pt", weights_only=False) for r in (0, 1)]
 
 
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    """One uninterrupted 2-process run (every step's checkpoint kept) and its probes."""
+    return run_ddp(tmp_path_factory.mktemp("ddp"), "run", *KEEP_ALL)
+
+
 @pytest.mark.slow
-def test_ddp_bank_identical_disjoint_shards_scaled_lr_reduced_metrics(tmp_path):
-    _, (r0, r1) = run_ddp(tmp_path, "run")
+def test_ddp_bank_identical_disjoint_shards_scaled_lr_reduced_metrics(ddp_run):
+    _, (r0, r1) = ddp_run
     assert r0["world_size"] == r1["world_size"] == 2
     assert len(r0["steps"]) == len(r1["steps"]) == 6
 
@@ -105,3 +112,13 @@ def test_ddp_bank_identical_disjoint_shards_scaled_lr_reduced_metrics(tmp_path):
     for key in ("train/loss", "val/knn_top1", "val/linear_top1"):
         assert key in r0["metrics"]
         assert r0["metrics"][key] == r1["metrics"][key], key
+
+
+@pytest.mark.slow
+def test_ddp_resume_mid_epoch_equals_uninterrupted(ddp_run, tmp_path):
+    ref, _ = ddp_run
+    out, (r0, r1) = run_ddp(tmp_path, "resumed", f"ckpt_path={ref / 'kept' / 'step4.ckpt'}")
+    assert len(r0["steps"]) == len(r1["steps"]) == 2  # epoch 1's last two batches, on each rank
+    for name in ("keys", "indices", "ptr"):
+        assert torch.equal(r0["final_bank"][name], r1["final_bank"][name])
+    assert_same_training_state(load(out / "checkpoints" / "last.ckpt"), load(ref / "checkpoints" / "last.ckpt"))
