@@ -142,6 +142,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         out.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, out / "config_resolved.yaml", resolve=True)
+    for logger in trainer.loggers:  # the whole resolved config (W&B run config, hparams.yaml), not only the module's arguments
+        logger.log_hyperparams(plain(cfg))
     summary: dict[str, Any] = {"output_dir": str(out)}
     try:
         if cfg.monitor.at_start:
