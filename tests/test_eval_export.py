@@ -1,0 +1,149 @@
+"""Evaluation CLIs (mcl.eval.knn, mcl.eval.linear) and the backbone export (mcl.export) on a tiny checkpoint."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from conftest import REPO, learnable_images, make_cfg
+from hydra import compose, initialize_config_dir
+
+from mcl.eval.common import EvalError, load_checkpoint
+from mcl.eval.linear import CONF_DIR as EVAL_CONF_DIR
+from mcl.eval.linear import linear_eval
+from mcl.export import backbone_state_dict, export, torchvision_recipe
+from mcl.models import WidthResNet
+from mcl.train import train
+
+CHANCE = 0.25  # 4 balanced classes in learnable_images
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """last.ckpt of a width-64 ResNet-18 (torchvision's width) pre-trained 2 steps on learnable 4-class images."""
+    root = tmp_path_factory.mktemp("eval")
+    x, y = learnable_images(320)
+    np.savez(root / "tiny.npz", x_train=x[:256], y_train=y[:256], x_test=x[256:], y_test=y[256:])
+    overrides = [
+        "debug=tiny",
+        "logger=none",
+        "dataset=npz",
+        f"dataset.path={root / 'tiny.npz'}",
+        "dataset.image_size=16",
+        "backbone.width=64",
+        "data.batch_size=16",
+        "model.queue_size=128",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=1",
+    ]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        summary = train(make_cfg(overrides, root / "run"))
+    finally:
+        torch.set_num_threads(threads)
+    return Path(summary["last_checkpoint"])
+
+
+def eval_cfg(name: str, overrides: list[str]):
+    with initialize_config_dir(config_dir=EVAL_CONF_DIR, version_base="1.3"):
+        return compose(name, overrides=overrides)
+
+
+def cli(module: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_knn_cli_beats_chance_and_writes_json_beside_the_checkpoint(checkpoint, tmp_path):
+    result = cli("mcl.eval.knn", [f"ckpt_path={checkpoint}", "num_workers=0", "k=[5,20]", "t=[0.05,0.1]"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = json.loads(checkpoint.with_name("last.knn.json").read_text())
+    assert [(r["k"], r["t"]) for r in written["grid"]] == [(5, 0.05), (5, 0.1), (20, 0.05), (20, 0.1)]
+    assert (written["train_images"], written["test_images"]) == (256, 64)
+    assert written["best"]["top1"] == max(r["top1"] for r in written["grid"]) > CHANCE + 0.25
+    assert all(r["top5"] >= r["top1"] for r in written["grid"])
+    assert f"top1={written['best']['top1']:.4f}" in result.stdout
+    assert list(tmp_path.iterdir()) == []  # nothing written where the user ran it
+
+
+@pytest.mark.parametrize(
+    ("protocol", "extra"),
+    [("fast", []), ("lab", ["protocol.epochs=3", "protocol.milestones=[2]", "protocol.lr=0.5"])],  # lab: augmented images, few epochs
+)
+def test_linear_evaluation_beats_chance(checkpoint, protocol, extra):
+    result = linear_eval(eval_cfg("linear", [f"ckpt_path={checkpoint}", f"protocol={protocol}", "num_workers=0", *extra]))
+    assert result["protocol"] == protocol and result["train_images"] == 256 and result["test_images"] == 64
+    assert result["top1"] > CHANCE + 0.25
+    assert json.loads(checkpoint.with_name(f"last.linear-{protocol}.json").read_text())["top1"] == result["top1"]
+
+
+def test_lab_protocol_is_the_default_preset():
+    cfg = eval_cfg("linear", ["ckpt_path=x"])
+    p = cfg.protocol
+    assert (p.name, p.augment, p.epochs, p.lr, p.nesterov, list(p.milestones), p.gamma) == ("lab", True, 100, 30.0, True, [60, 80], 0.1)
+    assert eval_cfg("linear", ["ckpt_path=x", "protocol=fast"]).protocol.augment is False
+
+
+def test_exported_backbone_loads_into_torchvision_resnet18_strictly(checkpoint, tmp_path, capsys):
+    out = tmp_path / "backbone.pt"
+    export(eval_cfg("export", [f"ckpt_path={checkpoint}", f"out={out}"]))  # python -m mcl.export ckpt_path=... out=...
+    printed = capsys.readouterr().out
+    state = torch.load(out, weights_only=True)  # tensors only
+    model = torchvision.models.resnet18()
+    model.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)  # the CIFAR stem
+    model.maxpool = torch.nn.Identity()
+    model.fc = torch.nn.Identity()
+    assert model.load_state_dict(state, strict=True) is not None
+    module, _ = load_checkpoint(checkpoint)
+    x = torch.randn(4, 3, 16, 16)
+    torch.testing.assert_close(model.eval()(x), module.backbone.eval()(x))  # same network, not only same names
+    # the printed recipe rebuilds it without mcl
+    namespace: dict = {}
+    exec(printed.split("load it with:", 1)[1], namespace)
+    torch.testing.assert_close(namespace["model"].eval()(x), module.backbone(x))
+    key_state = backbone_state_dict(module, "key")
+    assert key_state.keys() == state.keys() and not all(torch.equal(key_state[k], state[k]) for k in state)  # the EMA copy differs
+
+
+def test_resnet50_names_and_recipe_match_torchvision(tmp_path):
+    backbone = WidthResNet("resnet50", width=64, cifar_stem=False)
+    torch.save(backbone.state_dict(), tmp_path / "r50.pt")
+    namespace: dict = {}
+    exec(torchvision_recipe({"arch": "resnet50", "width": 64, "cifar_stem": False}, str(tmp_path / "r50.pt")), namespace)
+    assert isinstance(namespace["model"], torchvision.models.ResNet)  # loaded with strict key matching
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(namespace["model"].eval()(x), backbone.eval()(x))
+
+
+def test_bad_evaluation_input_is_one_clear_error(checkpoint, tmp_path):
+    with pytest.raises(EvalError, match="is not a file"):
+        linear_eval(eval_cfg("linear", [f"ckpt_path={tmp_path / 'missing.ckpt'}"]))
+    alone = tmp_path / "alone.ckpt"
+    shutil.copy(checkpoint, alone)  # a checkpoint away from its run dir
+    with pytest.raises(EvalError, match="run_config=PATH"):
+        load_checkpoint(alone)
+    module, _ = load_checkpoint(alone, run_config=str(checkpoint.parent.parent / "config_resolved.yaml"))
+    with pytest.raises(EvalError, match="encoder must be"):
+        backbone_state_dict(module, "momentum")
+    from mcl.eval.knn import knn_grid
+
+    with pytest.raises(EvalError, match="k must be"):
+        knn_grid(eval_cfg("knn", [f"ckpt_path={checkpoint}", "k=[]"]))
