@@ -106,21 +106,25 @@ class DataOrder:
             if trainer is not None:
                 self.seed = trainer.strategy.broadcast(self.seed)
         skip_epoch, skip = -1, 0
-        if self.resume is not None and self.resume["batches_done"] > 0:
-            saved = (self.resume["world_size"], self.resume["batch_size"])
-            if saved != (world, batch_size):
+        if self.resume is not None:  # used once: the loader built right after a restore
+            saved, done = (self.resume["world_size"], self.resume["batch_size"]), self.resume["batches_done"]
+            if done > 0 and saved != (world, batch_size):
                 raise CheckpointError(
                     f"the checkpoint was taken mid-epoch with {saved[0]} device(s) x data.batch_size={saved[1]}; resuming it "
                     f"with {world} x {batch_size} would repeat or skip images. Resume with the same devices and batch size, "
                     "or from an epoch-end checkpoint."
                 )
-            skip_epoch, skip = self.resume["epoch"], self.resume["batches_done"] * batch_size
+            skip_epoch, skip, self.resume = self.resume["epoch"], done * batch_size, None
         return ResumableSampler(dataset, world, rank, self.seed, skip_epoch, skip, with_seeds)
 
     def state_dict(self, trainer: L.Trainer | None, batch_size: int) -> dict[str, Any]:
-        epoch = trainer.current_epoch if trainer is not None else 0
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed if trainer is not None else 0
-        world = trainer.world_size if trainer is not None else 1
+        """Where the next training batch comes from: (epoch, batches of it already trained on)."""
+        epoch, done, world = 0, 0, 1
+        if trainer is not None:
+            epoch, world = trainer.current_epoch, trainer.world_size
+            done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            if done >= trainer.num_training_batches:  # the epoch is over: the next batch opens the next epoch
+                epoch, done = epoch + 1, 0
         return {"seed": self.seed, "epoch": epoch, "batches_done": done, "world_size": world, "batch_size": batch_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

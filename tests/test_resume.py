@@ -8,6 +8,7 @@ import random
 import shutil
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -18,7 +19,19 @@ from torchvision.transforms import v2
 from mcl.reliability import CheckpointError, ResumableSampler, SeededItems, find_resume_checkpoint, rng_state, set_rng_state
 from mcl.train import build, train
 
-# 3 steps an epoch, 2 epochs, a monitor pass after each; every step's and epoch's checkpoint kept
+
+class NoisyGradients(L.Callback):
+    """Each step draws from torch's, numpy's and python's global random streams (as dropout or a
+    randomised mining rule would), so a resume is exact only if all three are restored."""
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        scale = 1e-3 * (1.0 + np.random.rand() + random.random())
+        for p in pl_module.parameters():
+            if p.grad is not None:
+                p.grad.add_(torch.randn_like(p.grad), alpha=scale)
+
+
+# 3 steps an epoch, 2 epochs, a monitor pass after each, one loader worker, a stochastic step
 RUN = [
     "debug=tiny",
     "dataset=digits",
@@ -32,9 +45,12 @@ RUN = [
     "trainer.limit_val_batches=1",
     "trainer.deterministic=true",
     "seed=0",
+    "data.num_workers=1",
+    "+callbacks.noise._target_=test_resume.NoisyGradients",
     "+trainer.enable_progress_bar=false",
     "+trainer.enable_model_summary=false",
 ]
+# every step's and every epoch's checkpoint kept
 KEEP_ALL = [
     "+callbacks.keep_steps._target_=lightning.pytorch.callbacks.ModelCheckpoint",
     "+callbacks.keep_steps.dirpath=${paths.output_dir}/kept",
