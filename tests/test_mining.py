@@ -85,7 +85,7 @@ def test_no_mining_equals_moco_v2_to_the_bit(tmp_path, overrides):
 
 
 # --- positives -----------------------------------------------------------------------------
-def test_soft_weights_are_a_distribution_ordered_like_the_similarities(tmp_path):
+def test_soft_weights_are_a_distribution_ordered_like_the_similarities():
     soft, _ = strategies("soft")
     q, k, bank = unit(6, 16, seed=1), unit(6, 16, seed=2), unit(64, 16, seed=3)
     ctx = context(q, k, bank)
@@ -101,7 +101,7 @@ def test_soft_weights_are_a_distribution_ordered_like_the_similarities(tmp_path)
 
 @pytest.mark.parametrize("rule", ["above_mean", "threshold"])
 @pytest.mark.parametrize("name", ["hard", "soft_hard"])
-def test_hard_rule_zeroes_exactly_the_neighbours_that_fail_it(tmp_path, name, rule):
+def test_hard_rule_zeroes_exactly_the_neighbours_that_fail_it(name, rule):
     strategy, _ = strategies(name, extra=(f"mining.positive.hard_rule={rule}", "mining.positive.threshold=0.8"))
     q, k, bank = unit(32, 8, seed=4), unit(32, 8, seed=5), unit(128, 8, seed=6)
     ctx = context(q, k, bank)
@@ -117,7 +117,7 @@ def test_hard_rule_zeroes_exactly_the_neighbours_that_fail_it(tmp_path, name, ru
     torch.testing.assert_close(pos.weight, expected / expected.sum(1, keepdim=True).clamp_min(1e-12))
 
 
-def test_nn_replaces_the_augmented_positive_by_the_nearest_neighbour(tmp_path):
+def test_nn_replaces_the_augmented_positive_by_the_nearest_neighbour():
     nn, _ = strategies("nn")
     q, k, bank = unit(5, 16, seed=7), unit(5, 16, seed=8), unit(40, 16, seed=9)
     pos = nn(context(q, k, bank))
@@ -226,7 +226,7 @@ def test_ring_matches_the_published_moco_ring_loss():
     assert torch.equal(weight.sum(1), torch.full((16,), float(outer_idx - int(inner * outer_idx))))
 
 
-def test_fn_elimination_drops_exactly_the_entries_above_the_threshold(tmp_path):
+def test_fn_elimination_drops_exactly_the_entries_above_the_threshold():
     _, fn = strategies(negative="fn_elimination", extra=("mining.negative.threshold=0.2",))
     q, k, bank = unit(8, 8, seed=22), unit(8, 8, seed=23), unit(50, 8, seed=24)
     weight = fn(context(q, k, bank)).weight

@@ -147,7 +147,7 @@ class RingNegatives:
     (as their `dynamic_inner` rule). The outer fraction can shrink during training, from
     `initial_outer` (e.g. 1.0: all negatives) linearly to `outer`; null keeps it fixed.
 
-    outer, inner: fractions in (0, 1]; defaults 0.1 and 0.1, those of the published code.
+    outer in (0, 1], inner in [0, 1): defaults 0.1 and 0.1, those of the published code.
     Call: ctx -> NegativeSelection(weight B x K in {0, 1}).
     """
 
