@@ -31,6 +31,7 @@ DDP_TINY = [
     "trainer.limit_val_batches=1",
     "trainer.deterministic=true",
     "seed=0",
+    "+callbacks.noise._target_=test_resume.NoisyGradients",  # a step that draws from every rank's random streams
     "+trainer.enable_progress_bar=false",
     "+trainer.enable_model_summary=false",
 ]
