@@ -100,34 +100,40 @@ def draw(
     train: Images,
     title: str = "",
 ) -> Figure:
-    """The panel: one row per query (image 3 x H x W uint8, label); bank slots shown as train images."""
-    num_pos = max(1, max(len(m.positives) for m in mined))
-    num_neg = max(1, max(max(len(m.kept), len(m.dropped)) for m in mined))
-    columns = {
-        "query": (1, lambda m: []),
-        "mined positives (target weight w)": (num_pos, lambda m: m.positives),
-        "kept negatives, most similar (cosine s)": (num_neg, lambda m: m.kept),
-        "dropped negatives, most similar (cosine s)": (num_neg, lambda m: m.dropped),
+    """The panel: one row per query (image 3 x H x W uint8, label); bank slots shown as train images.
+
+    A group of columns that is empty for every query (no mined positives, nothing dropped) is
+    left out and named in the title.
+    """
+    groups = {
+        "mined positives\n(target weight w)": [m.positives for m in mined],
+        "kept negatives\n(most similar, cosine s)": [m.kept for m in mined],
+        "dropped negatives\n(most similar, cosine s)": [m.dropped for m in mined],
     }
-    fig = Figure(figsize=(1.05 * (1 + num_pos + 2 * num_neg), 1.25 * len(queries) + 0.8), layout="constrained")
-    subfigs = fig.subfigures(1, len(columns), width_ratios=[n for n, _ in columns.values()])
-    for subfig, (header, (n, entries_of)) in zip(subfigs, columns.items()):
+    empty = [header.split("\n")[0] for header, rows in groups.items() if not any(rows)]
+    groups = {header: rows for header, rows in groups.items() if any(rows)}
+    widths = [1, *(max(len(r) for r in rows) for rows in groups.values())]
+    fig = Figure(figsize=(1.05 * sum(widths) + 0.3, 1.25 * len(queries) + 1.0), layout="constrained")
+    subfigs = fig.subfigures(1, len(widths), width_ratios=widths, squeeze=False)[0]
+    for subfig, header, n in zip(subfigs, ["query\n", *groups], widths):
         subfig.suptitle(header, fontsize=8, weight="bold")
         axes = np.array(subfig.subplots(len(queries), n, squeeze=False))  # rows x n
         for ax in axes.ravel():
             ax.set_axis_off()
-        for row, ((image, label), m) in enumerate(zip(queries, mined)):
-            if header == "query":
+        for row, (image, label) in enumerate(queries):
+            if header == "query\n":
                 axes[row, 0].set_axis_on()
-                _show(axes[row, 0], image, f"y={label}, λ={m.lam:.2f}")
+                _show(axes[row, 0], image, f"y={label}, λ={mined[row].lam:.2f}")
                 continue
-            for col, (slot, value) in enumerate(entries_of(m)):
+            for col, (slot, value) in enumerate(groups[header][row]):
                 index, slot_label = int(bank_index[slot]), int(bank_labels[slot])
                 colour = None if slot_label < 0 or label < 0 else ("tab:green" if slot_label == label else "tab:red")
                 axes[row, col].set_axis_on()
                 _show(axes[row, col], train.image(index) if index >= 0 else None, f"{value:.2f}", colour)
-    legend = "frame: green = the query's class, red = another class (labels are shown, never trained on)"
-    fig.suptitle(f"{title}\n{legend}" if title else legend, fontsize=8)
+    lines = [title] if title else []
+    lines += ["frame: green = the query's class, red = another class (labels are shown, never trained on)"]
+    lines += [f"none for any query: {', '.join(empty)}"] if empty else []
+    fig.suptitle("\n".join(lines), fontsize=8)
     return fig
 
 

@@ -325,7 +325,7 @@ def plot_accuracy(groups: list[Group], metrics: tuple[str, ...] = ("val/knn_top1
 
 def _plot_history(ax, groups: list[Group], metric: str) -> bool:
     drawn = False
-    for g in groups:
+    for colour, g in enumerate(groups):  # a group keeps its colour C<i> in every panel
         curves = [j.history[metric] for j in g.completed if metric in j.history]
         epochs = sorted({e for c in curves for e in c})
         if not epochs:
@@ -333,8 +333,8 @@ def _plot_history(ax, groups: list[Group], metric: str) -> bool:
         values = np.array([[c.get(e, np.nan) for e in epochs] for c in curves])  # runs x epochs
         mean = np.nanmean(values, axis=0)
         std = np.nanstd(values, axis=0, ddof=1) if len(curves) > 1 else np.zeros_like(mean)
-        ax.plot(epochs, mean, marker="o", markersize=3, label=f"{g.label} (n={len(curves)})")
-        ax.fill_between(epochs, mean - std, mean + std, alpha=0.2)
+        ax.plot(epochs, mean, marker="o", markersize=3, color=f"C{colour}", label=f"{g.label} (n={len(curves)})")
+        ax.fill_between(epochs, mean - std, mean + std, color=f"C{colour}", alpha=0.2)
         drawn = True
     ax.set_xlabel("epoch")
     ax.xaxis.get_major_locator().set_params(integer=True)
@@ -365,8 +365,10 @@ def plot_diagnostics(groups: list[Group]) -> Figure | None:
         _plot_history(ax, groups, name)
     for ax in axes[len(names) :]:
         ax.set_axis_off()
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncols=min(4, len(labels)), fontsize="small")
+    legend = {label: handle for ax in axes for handle, label in zip(*ax.get_legend_handles_labels())}  # every group once
+    order = [g.label for g in groups]
+    labels = sorted(legend, key=lambda label: order.index(label.rsplit(" (n=", 1)[0]))
+    fig.legend([legend[k] for k in labels], labels, loc="outside lower center", ncols=min(4, len(labels)), fontsize="small")
     return fig
 
 

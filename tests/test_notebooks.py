@@ -1,0 +1,69 @@
+"""Both notebooks execute (nbclient) against a tiny sweep and one of its checkpoints, made here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+import pytest
+from conftest import REPO, run_cli
+from nbclient import NotebookClient
+
+SMALL = [
+    "debug=tiny",
+    "dataset=digits",
+    "dataset.image_size=16",
+    "backbone.width=8",
+    "data.batch_size=16",
+    "data.eval_batch_size=128",
+    "model.queue_size=128",
+    "trainer.limit_train_batches=4",
+    "trainer.limit_val_batches=1",
+]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> Path:
+    """A 2-job sweep: MoCo's negatives and the paper's gradient band (4 steps fill the 128-key bank)."""
+    root = tmp_path_factory.mktemp("notebooks")
+    args = ["-m", *SMALL, "trainer.max_epochs=2", "mining.negative=all,gradient", f"hydra.sweep.dir={root / 'sweep'}"]
+    result = run_cli(args, cwd=root, env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "sweep"
+
+
+def execute(name: str, parameters: str, cwd: Path, monkeypatch) -> nbformat.NotebookNode:
+    """Run notebooks/<name> top to bottom with its `parameters` cell replaced."""
+    nb = nbformat.read(REPO / "notebooks" / name, as_version=4)
+    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    cell.source = parameters
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the kernel inherits it
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}).execute()
+    return nb
+
+
+def outputs(nb: nbformat.NotebookNode, mime: str) -> list:
+    return [o["data"][mime] for c in nb.cells if c.cell_type == "code" for o in c.outputs if mime in o.get("data", {})]
+
+
+def text(nb: nbformat.NotebookNode) -> str:
+    return "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+
+
+@pytest.mark.slow
+def test_gallery_notebook_draws_a_checkpoint_mining(sweep, tmp_path, monkeypatch):
+    ckpt = sweep / "1" / "checkpoints" / "last.ckpt"  # the gradient-band job
+    nb = execute("mined_gallery.ipynb", f'CKPT = "{ckpt}"\nNUM_QUERIES = 3\nSEED = 0\nSTATS_QUERIES = 8', tmp_path, monkeypatch)
+    assert len(outputs(nb, "image/png")) == 1  # the panel
+    printed = text(nb)
+    assert "negatives: GradientBandNegatives" in printed and "full: True" in printed
+    assert "kept " in printed and "dropped " in printed and "chance (1/classes)      0.100" in printed
+
+
+@pytest.mark.slow
+def test_ablation_notebook_draws_the_report(sweep, tmp_path, monkeypatch):
+    nb = execute("ablation.ipynb", f'SWEEP_DIR = "{sweep}"\nAVERAGE_OVER = ("seed",)', tmp_path, monkeypatch)
+    table = "".join(outputs(nb, "text/markdown"))
+    assert "2 jobs: 2 completed, 0 failed" in table
+    assert "| mining.negative | runs | val/knn_top1 |" in table and "| all | 1/1 |" in table and "| gradient | 1/1 |" in table
+    assert len(outputs(nb, "image/png")) == 3  # accuracy, kNN over epochs, mining diagnostics
