@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import REPO, learnable_images, make_cfg
+from conftest import learnable_images, make_cfg
 from hydra import compose, initialize_config_dir
 
 from mcl.eval.common import EvalError, load_checkpoint
@@ -67,7 +68,7 @@ def eval_cfg(name: str, overrides: list[str]):
 
 
 def cli(module: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
