@@ -215,14 +215,16 @@ class NonFiniteLossGuard(L.Callback):
         self._batch = batch
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
-        bad = trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(loss).all()), all=False)
-        if bad:
-            raise NonFiniteLossError(self._message(trainer, pl_module, loss))
+        here = not bool(torch.isfinite(loss).all())
+        if trainer.strategy.reduce_boolean_decision(here, all=False):  # any rank
+            raise NonFiniteLossError(self._message(trainer, pl_module, loss, here))
 
-    def _message(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> str:
+    def _message(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor, here: bool) -> str:
         hp = pl_module.hparams
         views = [t for t in (self._batch or [])[:2] if torch.is_tensor(t) and t.is_floating_point()]
-        if any(not torch.isfinite(p).all() for p in pl_module.parameters()):
+        if not here:
+            cause = "see that process's message"
+        elif any(not torch.isfinite(p).all() for p in pl_module.parameters()):
             cause = "the weights are already non-finite: an earlier update diverged (optim.lr too high?)"
         elif views and not all(torch.isfinite(v).all() for v in views):
             cause = "this batch's images hold NaN/inf values (check the dataset and its mean/std)"
@@ -234,7 +236,12 @@ class NonFiniteLossGuard(L.Callback):
         last = last_checkpoint_path(trainer)
         kept = f"the last good checkpoint {last} was left untouched" if last.is_file() else "no checkpoint had been written yet"
         where = f"global step {trainer.global_step} (epoch {trainer.current_epoch}, batch {trainer.fit_loop.epoch_loop.batch_idx + 1})"
-        return f"non-finite training loss ({loss.item()}) at {where}. Likely cause: {cause}. Training stopped; {kept}."
+        what = (
+            f"non-finite training loss ({loss.item()})"
+            if here
+            else f"non-finite training loss on another DDP process (rank {trainer.global_rank}'s is {loss.item():.4g})"
+        )
+        return f"{what} at {where}. Likely cause: {cause}. Training stopped; {kept}."
 
 
 # --- checkpoint files ---------------------------------------------------------------------
