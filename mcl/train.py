@@ -82,13 +82,14 @@ def check_resume_and_callbacks(cfg: DictConfig) -> None:
 
 def wandb_offline_unless_logged_in(cfg: DictConfig) -> None:
     """W&B never prompts: without an API key it runs offline (sync later with `wandb sync`)."""
-    if "wandb" not in (cfg.get("logger") or {}) or os.environ.get("WANDB_MODE"):
+    if "wandb" not in (cfg.get("logger") or {}) or os.environ.get("WANDB_MODE") or cfg.logger.wandb.mode:
         return
     import wandb
 
-    if not (os.environ.get("WANDB_API_KEY") or wandb.api.api_key):
+    if not (os.environ.get("WANDB_API_KEY") or wandb.login(prompt=False, verify=False)):
         print("mcl: no W&B API key configured; logging offline to the run directory (upload with `wandb sync`).")
-        os.environ["WANDB_MODE"] = "offline"
+        os.environ["WANDB_MODE"] = "offline"  # DDP workers inherit it
+        cfg.logger.wandb.mode = "offline"
 
 
 def instantiate_dict(node: DictConfig | None) -> list:

@@ -29,24 +29,29 @@ def cfg_factory(tmp_path):
     return lambda overrides=(): make_cfg(list(overrides), tmp_path / "run")
 
 
-def run_cli(args: list[str], cwd: Path, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_cli(args: list[str], cwd: Path, timeout: int = 600, env: dict[str, str | None] | None = None) -> subprocess.CompletedProcess:
     """`python -m mcl.train ARGS` as a user runs it; output captured as text."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", **(env or {})}
+    full_env = {k: v for k, v in full_env.items() if v is not None}  # None unsets a variable
     return subprocess.run(
         [sys.executable, "-m", "mcl.train", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
     )
 
 
 def learnable_images(n: int, size: int = 32, num_classes: int = 4, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 N x size x size x 3 images whose class is a colour and a stripe orientation."""
+    """uint8 N x size x size x 3 images: the class is a stripe pattern (horizontal, vertical,
+    diagonal, checkerboard), drawn in random colours at a random phase. Colour is a nuisance that
+    dominates raw and random-network features; augmentation-invariant features see the pattern."""
     rng = np.random.default_rng(seed)
     y = rng.integers(0, num_classes, n)
-    palette = rng.integers(40, 215, (num_classes, 3))
-    grid = np.arange(size)
+    r, c = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
     x = np.empty((n, size, size, 3), dtype=np.uint8)
-    for i, c in enumerate(y):
-        stripes = ((grid[:, None] if c % 2 else grid[None, :]) // 4 % 2) * np.ones((size, size))
-        img = palette[c][None, None, :] * (0.6 + 0.4 * stripes[..., None]) + rng.normal(0, 12, (size, size, 3))
+    for i, label in enumerate(y):
+        period, phase = rng.integers(6, 10), rng.integers(0, 8)
+        coords = [r, c, r + c, None][label % 4]
+        on = ((r + phase) // period + (c + phase) // period) % 2 if coords is None else (coords + phase) // period % 2
+        fg, bg = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+        img = np.where(on[..., None] == 1, fg, bg) + rng.normal(0, 10, (size, size, 3))
         x[i] = np.clip(img, 0, 255).astype(np.uint8)
     return x, y.astype(np.int64)
 
