@@ -26,7 +26,6 @@ from torch.utils.data import Dataset
 from torchvision.ops import roi_align
 
 GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
-BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)  # ColorJitter's op ids
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
@@ -38,6 +37,18 @@ def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.
     """factor * x + (1 - factor) * other, clamped to [0, 1]; factor: n."""
     f = factor[:, None, None, None]
     return (f * x + (1 - f) * other).clamp_(0, 1)
+
+
+def _brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return (x * factor[:, None, None, None]).clamp_(0, 1)
+
+
+def _contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return _blend(x, _gray(x).mean((1, 2, 3), keepdim=True), factor)  # towards each image's mean grey
+
+
+def _saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return _blend(x, _gray(x), factor)  # towards each pixel's grey
 
 
 def _shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -52,6 +63,9 @@ def _shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     # HSV -> RGB: channel n = v - v*s*clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6, n = 5, 3, 1
     k = (x.new_tensor([5.0, 3.0, 1.0])[None, :, None, None] + 6 * h[:, None]).remainder(6)  # n x 3 x H x W
     return maxc[:, None] - (maxc * s)[:, None] * torch.minimum(k, 4 - k).clamp(0, 1)
+
+
+JITTER_OPS = (_brightness, _contrast, _saturation, _shift_hue)  # ColorJitter's op ids 0-3, each (n x 3 x H x W, n) -> n x 3 x H x W
 
 
 def _blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
@@ -146,14 +160,8 @@ class BatchedView:
         x = roi_align(x, boxes, self.size, sampling_ratio=-1, aligned=True)  # B x 3 x size x size
         if (rows := _rows(p["flip"], dev)) is not None:
             x[rows] = x[rows].flip(-1)
-        ops = (
-            lambda v, f: (v * f[:, None, None, None]).clamp_(0, 1),
-            lambda v, f: _blend(v, _gray(v).mean((1, 2, 3), keepdim=True), f),
-            lambda v, f: _blend(v, _gray(v), f),
-            _shift_hue,
-        )
         for position in range(4):  # each image applies its own permutation of the four ops
-            for op_id, op in enumerate(ops):
+            for op_id, op in enumerate(JITTER_OPS):
                 selected = p["jitter"] & (p["jitter_order"][:, position] == op_id) & ~p["jitter_factor"][:, op_id].isnan()
                 if (rows := _rows(selected, dev)) is not None:
                     x[rows] = op(x[rows], p["jitter_factor"][selected, op_id].to(dev, non_blocking=True))
