@@ -1,0 +1,167 @@
+"""LightningDataModule: two augmented views per image, plus its dataset index and label."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from mcl.data import batched, transforms
+from mcl.data.sources import DatasetError, Images
+from mcl.reliability import DataOrder, SeededItems
+
+
+class TwoViews(Dataset):
+    """Item i -> (query view, key view, i, label). Labels never reach the training loss."""
+
+    def __init__(self, images: Images, query_view, key_view):
+        self.images, self.query_view, self.key_view = images, query_view, key_view
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        image = self.images.image(i)  # 3 x H x W uint8
+        return self.query_view(image), self.key_view(image), i, int(self.images.labels[i])
+
+
+class OneView(Dataset):
+    """Item i -> (un-augmented image, label), for the kNN and linear monitors."""
+
+    def __init__(self, images: Images, view):
+        self.images, self.view = images, view
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        return self.view(self.images.image(i)), int(self.images.labels[i])
+
+
+class ContrastiveDataModule(L.LightningDataModule):
+    """dataset: the `dataset/` config group (its `source` is a reader from mcl.data.sources).
+
+    batch_size is per device; key_view: "strong" (symmetric MoCo v2) or "weak" (crop + flip).
+    batched_augment: in-memory datasets only; the loader yields uint8 batches and
+    `on_after_batch_transfer` makes both views on the training device (mcl.data.batched).
+    images_on_device: with batched_augment, keep the whole uint8 training set on that device.
+    Validation yields two loaders: the un-augmented train split (kNN memory) and the test split.
+    seed: the training order and augmentations are a function of it and the epoch (None: drawn
+    once, then checkpointed); `state_dict` holds it and the position, for exact mid-epoch resume.
+    """
+
+    def __init__(
+        self,
+        dataset: dict[str, Any],
+        batch_size: int = 256,
+        eval_batch_size: int = 512,
+        num_workers: int = 4,
+        key_view: str = "strong",
+        augment: dict[str, Any] | None = None,
+        pin_memory: bool = True,
+        batched_augment: bool = False,
+        images_on_device: bool = False,
+        seed: int | None = None,
+    ):
+        super().__init__()
+        if key_view not in ("strong", "weak"):
+            raise ValueError(f"data.key_view must be 'strong' or 'weak', got {key_view!r}")
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be a positive integer, got {batch_size}")
+        if images_on_device and not batched_augment:
+            raise ValueError("data.images_on_device=true only applies to the batched path: also set data.batched_augment=true")
+        self.batched_augment, self.images_on_device = batched_augment, images_on_device
+        self.device_images: torch.Tensor | None = None  # N x H x W x 3 uint8 on the training device
+        self.dataset_cfg = dataset
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.key_view_name, self.augment = key_view, dict(augment or {})
+        self.train_images: Images | None = None
+        self.test_images: Images | None = None
+        self.order = DataOrder(seed)
+        self.generator: torch.Generator | None = None  # batched views' random stream
+        self._generator_state: torch.Tensor | None = None  # from a checkpoint, set when the loader is built
+
+    @property
+    def num_classes(self) -> int:
+        configured = self.dataset_cfg.get("num_classes")
+        return int(configured) if configured else int(self.train_images.labels.max()) + 1
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_images is None:
+            self.train_images, self.test_images = hydra.utils.instantiate(self.dataset_cfg["source"])
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if len(self.train_images) < self.batch_size * world:
+            raise DatasetError(
+                f"data.batch_size={self.batch_size} x {world} device(s) is larger than the "
+                f"{len(self.train_images)} training images of dataset {self.dataset_cfg['name']}"
+            )
+        if self.batched_augment and self.train_images.array is None:
+            raise DatasetError(
+                f"data.batched_augment=true needs an in-memory dataset (one uint8 array); dataset "
+                f"{self.dataset_cfg['name']} reads its images from files one by one: set data.batched_augment=false"
+            )
+
+    def _views(self, recipes=transforms):
+        """(query view, key view, monitors' view); recipes: mcl.data.transforms or mcl.data.batched."""
+        size, mean, std = self.dataset_cfg["image_size"], self.dataset_cfg["mean"], self.dataset_cfg["std"]
+        aug = {"blur_prob": self.dataset_cfg.get("blur_prob", 0.0), **self.augment}
+        strong = recipes.strong_view(size, mean, std, **aug)
+        key = strong if self.key_view_name == "strong" else recipes.weak_view(size, mean, std, **aug)
+        return strong, key, transforms.plain_view(size, mean, std)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = self.order.state_dict(self.trainer, self.batch_size)
+        return {**state, "generator": self.generator.get_state()} if self.generator is not None else state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.order.load_state_dict(state_dict)
+        self._generator_state = state_dict.get("generator")
+
+    def _loader(self, dataset: Dataset, batch_size: int, train: bool, collate_fn=None) -> DataLoader:
+        sampler = self.order.sampler(dataset, batch_size, self.trainer, with_seeds=not self.batched_augment) if train else None
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,  # training: a resumable order fixed by (seed, epoch), one shard per rank
+            generator=torch.Generator().manual_seed(self.order.seed) if train else None,  # leaves the global random state alone
+            drop_last=train,  # the bank takes a fixed number of keys per step
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+            collate_fn=collate_fn,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        if not self.batched_augment:
+            strong, key, _ = self._views()
+            return self._loader(SeededItems(TwoViews(self.train_images, strong, key)), self.batch_size, train=True)
+        self.batched_query, self.batched_key, _ = self._views(batched)
+        images = None if self.images_on_device else torch.from_numpy(self.train_images.array)
+        dataset = batched.ImageBatches(images, torch.from_numpy(self.train_images.labels))
+        loader = self._loader(dataset, self.batch_size, train=True, collate_fn=batched.whole_batch)  # fixes order.seed
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        self.generator = torch.Generator().manual_seed(self.order.seed + rank)  # the views follow data.seed, one stream per rank
+        if self._generator_state is not None:  # resumed: continue the stream where the checkpoint left it
+            self.generator.set_state(self._generator_state)
+            self._generator_state = None
+        return loader
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Batched path: (uint8 images or nothing, index, label) on the device -> (view_q, view_k, index, label)."""
+        if not (self.batched_augment and self.trainer.training):
+            return batch
+        *images, index, labels = batch
+        if self.images_on_device:
+            if self.device_images is None or self.device_images.device != index.device:
+                self.device_images = torch.from_numpy(self.train_images.array).to(index.device)  # N x H x W x 3, once
+            images = [self.device_images[index]]
+        x = images[0].permute(0, 3, 1, 2)  # B x 3 x H x W uint8
+        return self.batched_query(x, self.generator), self.batched_key(x, self.generator), index, labels
+
+    def val_dataloader(self) -> list[DataLoader]:
+        plain = self._views()[2]
+        return [self._loader(OneView(s, plain), self.eval_batch_size, train=False) for s in (self.train_images, self.test_images)]
