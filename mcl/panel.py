@@ -107,8 +107,8 @@ def draw(
     """
     groups = {
         "mined positives\n(target weight w)": [m.positives for m in mined],
-        "kept negatives\n(most similar, cosine s)": [m.kept for m in mined],
-        "dropped negatives\n(most similar, cosine s)": [m.dropped for m in mined],
+        "kept negatives\n(most similar to the query, cosine s)": [m.kept for m in mined],
+        "dropped negatives\n(most similar to the query, cosine s)": [m.dropped for m in mined],
     }
     empty = [header.split("\n")[0] for header, rows in groups.items() if not any(rows)]
     groups = {header: rows for header, rows in groups.items() if any(rows)}
