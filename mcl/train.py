@@ -150,6 +150,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if cfg.monitor.at_start:
             summary["initial"] = {k: float(v) for k, v in trainer.validate(model, datamodule, verbose=False)[0].items()}
         trainer.fit(model, datamodule, ckpt_path=cfg.ckpt_path)
+        if not (trainer.interrupted or trainer.fast_dev_run) and trainer.current_epoch % trainer.check_val_every_n_epoch:
+            trainer.validate(model, datamodule, verbose=False)  # the monitors also after a last epoch off the N-epoch grid
     finally:
         if "wandb" in (cfg.get("logger") or {}):
             import wandb
