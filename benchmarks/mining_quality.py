@@ -14,8 +14,8 @@ mining differs:
     negative_only   mining.positive=none       mining.negative=gradient
 
 Prints, per variant, the final kNN top-1 (k=200, t=0.1; memory: 4 x 512 un-augmented train
-images in a fixed random order, queries: the 2000 test images) as mean ± std over the seeds and the last epoch's `mining/*` diagnostics (means over the seeds); writes the
-same as JSON next to the runs.
+images in a fixed random order, queries: the 2000 test images) as mean ± std over the seeds and the `mining/*` diagnostics of the last logged step (means over the seeds);
+writes the same as JSON next to the runs.
 """
 
 from __future__ import annotations
@@ -80,23 +80,25 @@ def budget(args: argparse.Namespace) -> list[str]:
         "trainer.accelerator=auto",
         "optim.warmup_epochs=0",
         "logger=csv",
+        "trainer.log_every_n_steps=5",
         "callbacks=none",
         "+trainer.enable_progress_bar=false",
         *args.overrides,
     ]
 
 
-def last_epoch_diagnostics(output_dir: Path) -> dict[str, float]:
-    """The `mining/*_epoch` values of the last training epoch in the run's metrics.csv."""
+def final_diagnostics(output_dir: Path) -> dict[str, float]:
+    """The last logged step's `mining/*_step` values in the run's metrics.csv (epoch means would
+    mix in the warm-up steps, where nothing is mined)."""
     (metrics,) = list(output_dir.rglob("metrics.csv"))
     values: dict[str, float] = {}
     with metrics.open() as f:
         for row in csv.DictReader(f):
             values.update(
                 {
-                    k[len("mining/") : -len("_epoch")]: float(v)
+                    k[len("mining/") : -len("_step")]: float(v)
                     for k, v in row.items()
-                    if k.startswith("mining/") and k.endswith("_epoch") and v
+                    if k.startswith("mining/") and k.endswith("_step") and v
                 }
             )
     return values
@@ -113,7 +115,7 @@ def run(variant: str, seed: int, args: argparse.Namespace) -> dict:
         "seed": seed,
         "knn_top1": summary["val/knn_top1"],
         "seconds": time.time() - start,
-        **last_epoch_diagnostics(out),
+        **final_diagnostics(out),
     }
 
 
@@ -144,7 +146,12 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=16, help="images resized to this side (32: CIFAR's own)")
     parser.add_argument("--val-batches", type=int, default=4, help="eval batches of 512 per split: the kNN memory and the test queries")
     parser.add_argument("overrides", nargs="*", help="more Hydra overrides for every run, e.g. trainer.limit_train_batches=10")
+    parser.add_argument("--report-only", action="store_true", help="print the table of the runs already in --out")
     args = parser.parse_args()
+    if args.report_only:
+        results = json.loads((Path(args.out) / "results.json").read_text())
+        print(table([{**r, **final_diagnostics(Path(args.out) / r["variant"] / str(r["seed"]))} for r in results]))
+        return
     args.shuffled = shuffled_copy(Path(args.data), Path(args.out))
 
     start, results = time.time(), []
