@@ -43,12 +43,14 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
 
 
-def build_targets(pos: PositiveSelection, num_bank: int, like: torch.Tensor) -> torch.Tensor:
-    """B x (1+K) targets: lam on the augmented positive, (1-lam)*weight on the mined bank entries."""
-    targets = like.new_zeros(like.shape[0], 1 + num_bank)
+def build_targets(pos: PositiveSelection, num_bank: int, like: torch.Tensor) -> torch.Tensor | None:
+    """B x (1+K) targets: lam on the augmented positive, (1-lam)*weight on the mined bank entries.
+
+    None when nothing was mined: the loss is then MoCo's cross-entropy on column 0.
+    """
     if pos.index.shape[1] == 0:
-        targets[:, 0] = 1.0
-        return targets
+        return None
+    targets = like.new_zeros(like.shape[0], 1 + num_bank)
     mined = pos.weight.sum(dim=1, keepdim=True) > 0  # B x 1; rows where something was mined
     lam = torch.where(mined, torch.full_like(mined, pos.lam, dtype=like.dtype), torch.ones_like(mined, dtype=like.dtype))
     targets[:, :1] = lam
@@ -173,6 +175,7 @@ class MCLModule(L.LightningModule):
         probe_loss = F.cross_entropy(self.linear_probe(features[:b].detach()), labels, ignore_index=-1)
         self._pending = (torch.cat([k1, k2]), torch.cat([index, index]), torch.cat([labels, labels]))
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         self.log("train/linear_loss", probe_loss, sync_dist=True)
         return loss + probe_loss
 
