@@ -78,6 +78,7 @@ def main() -> None:
             theirs = LightlyMoCo(width, bank, cfg.model.temperature, cfg.model.momentum, cfg.optim.lr, proj)
             bench.fill_bank(ours)
             batch = bench.random_views(args.batch, 32, device)
+            bench.warm_up(ours, batch, device, args.precision)
             times = {"ours": [], "lightly": []}
             for _ in range(args.rounds):
                 for key, module in (("ours", ours), ("lightly", theirs)):

@@ -69,9 +69,7 @@ def main() -> None:
                 modules[pair] = bench.build_module([*common, f"mining.positive={pair[0]}", f"mining.negative={pair[1]}"])[0]
                 bench.fill_bank(modules[pair])
             batch = bench.random_views(args.batch, 32, device)
-            moco = modules[bench.MOCO]  # one small untimed step first: the process's one-time costs land on nobody
-            bench.step_seconds(moco, tuple(t[:8] for t in batch), device, args.precision, 1, 0)
-            moco.bank.ptr.zero_()  # 16 keys went in; the pointer is back on a multiple of 2 x batch
+            bench.warm_up(modules[bench.MOCO], batch, device, args.precision)
             times: dict = {pair: [] for pair in chosen}
             for _ in range(args.rounds):
                 for pair, module in modules.items():
