@@ -338,7 +338,7 @@ def _plot_history(ax, groups: list[Group], metric: str) -> bool:
         drawn = True
     ax.set_xlabel("epoch")
     ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.set_title(f"{metric} (mean ± std over seeds)", fontsize="medium")
+    ax.set_title(metric, fontsize="medium")
     return drawn
 
 
@@ -348,6 +348,7 @@ def plot_history(groups: list[Group], metric: str = "val/knn_top1") -> Figure | 
     ax = fig.subplots()
     if not _plot_history(ax, groups, metric):
         return None
+    ax.set_title(f"{metric} (mean ± std over seeds)", fontsize="medium")
     ax.legend(fontsize="small")
     return fig
 
@@ -365,6 +366,7 @@ def plot_diagnostics(groups: list[Group]) -> Figure | None:
         _plot_history(ax, groups, name)
     for ax in axes[len(names) :]:
         ax.set_axis_off()
+    fig.suptitle("mining diagnostics per epoch (mean ± std over seeds)")
     legend = {label: handle for ax in axes for handle, label in zip(*ax.get_legend_handles_labels())}  # every group once
     order = [g.label for g in groups]
     labels = sorted(legend, key=lambda label: order.index(label.rsplit(" (n=", 1)[0]))
