@@ -14,7 +14,7 @@ from typing import Any
 import hydra
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Subset, TensorDataset
@@ -84,6 +84,7 @@ def linear_eval(cfg: DictConfig) -> dict[str, Any]:
         "dataset": datamodule.dataset_cfg["name"],
         "protocol": p.name,
         "epochs": p.epochs,
+        "settings": OmegaConf.to_container(p),  # the whole protocol: a rerun with other knobs overwrites this file
         "train_images": len(train_set),
         "test_images": len(test_labels),
         "top1": topk_accuracy(logits, test_labels),
