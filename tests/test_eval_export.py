@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import learnable_images, make_cfg
+from conftest import make_cfg
 from hydra import compose, initialize_config_dir
 
 from mcl.eval.common import EvalError, load_checkpoint
@@ -23,7 +23,18 @@ from mcl.export import backbone_state_dict, export, torchvision_recipe
 from mcl.models import WidthResNet
 from mcl.train import train
 
-CHANCE = 0.25  # 4 balanced classes in learnable_images
+CHANCE = 0.25  # 4 classes
+
+
+def colour_classes(n: int, size: int = 32, num_classes: int = 4, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 N x size x size x 3 images whose class is their colour (plus pixel noise): features of
+    any network, even a barely trained one, separate them, so an evaluation that does not beat
+    chance on them is broken (labels misaligned, splits mixed up, classifier not trained)."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, num_classes, n)
+    palette = rng.integers(30, 225, (num_classes, 3))
+    x = palette[y][:, None, None, :] + rng.normal(0, 20, (n, size, size, 3))
+    return np.clip(x, 0, 255).astype(np.uint8), y.astype(np.int64)
 
 
 @pytest.fixture(autouse=True)
@@ -36,9 +47,9 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    """last.ckpt of a width-64 ResNet-18 (torchvision's width) pre-trained 2 steps on learnable 4-class images."""
+    """last.ckpt of a width-64 ResNet-18 (torchvision's width) pre-trained 2 steps on 4 colour classes."""
     root = tmp_path_factory.mktemp("eval")
-    x, y = learnable_images(320)
+    x, y = colour_classes(320)
     np.savez(root / "tiny.npz", x_train=x[:256], y_train=y[:256], x_test=x[256:], y_test=y[256:])
     overrides = [
         "debug=tiny",
@@ -52,6 +63,7 @@ def checkpoint(tmp_path_factory) -> Path:
         "trainer.max_epochs=1",
         "trainer.limit_train_batches=2",
         "trainer.limit_val_batches=1",
+        "seed=0",
     ]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -79,7 +91,7 @@ def test_knn_cli_beats_chance_and_writes_json_beside_the_checkpoint(checkpoint, 
     written = json.loads(checkpoint.with_name("last.knn.json").read_text())
     assert [(r["k"], r["t"]) for r in written["grid"]] == [(5, 0.05), (5, 0.1), (20, 0.05), (20, 0.1)]
     assert (written["train_images"], written["test_images"]) == (256, 64)
-    assert written["best"]["top1"] == max(r["top1"] for r in written["grid"]) > CHANCE + 0.25
+    assert written["best"]["top1"] == max(r["top1"] for r in written["grid"]) > CHANCE + 0.5
     assert all(r["top5"] >= r["top1"] for r in written["grid"])
     assert f"top1={written['best']['top1']:.4f}" in result.stdout
     assert list(tmp_path.iterdir()) == []  # nothing written where the user ran it
@@ -92,7 +104,7 @@ def test_knn_cli_beats_chance_and_writes_json_beside_the_checkpoint(checkpoint, 
 def test_linear_evaluation_beats_chance(checkpoint, protocol, extra):
     result = linear_eval(eval_cfg("linear", [f"ckpt_path={checkpoint}", f"protocol={protocol}", "num_workers=0", *extra]))
     assert result["protocol"] == protocol and result["train_images"] == 256 and result["test_images"] == 64
-    assert result["top1"] > CHANCE + 0.25
+    assert result["top1"] > CHANCE + 0.5
     assert json.loads(checkpoint.with_name(f"last.linear-{protocol}.json").read_text())["top1"] == result["top1"]
 
 
