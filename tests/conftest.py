@@ -7,14 +7,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # tiny models: one thread a process beats oversubscribed cores
+
 import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from mcl.train import CONF_DIR
 
 REPO = Path(__file__).resolve().parent.parent
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 TINY = ["debug=tiny", "logger=none", "dataset=digits"]
 
 
