@@ -29,7 +29,13 @@ import torch  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 CONF_DIR = ROOT / "conf"
-CIFAR_DEV = ROOT.parent / "shared" / "data" / "cifar10_dev.npz"
+# the CIFAR-10 dev subset: beside the checkout, in a copied shared/, or copied into build/ for a bare machine
+CIFAR_DEVS = [
+    ROOT.parent / "shared" / "data" / "cifar10_dev.npz",
+    ROOT / "shared" / "data" / "cifar10_dev.npz",
+    ROOT / "build" / "cifar10_dev.npz",
+]
+CIFAR_DEV = next((p for p in CIFAR_DEVS if p.is_file()), CIFAR_DEVS[0])
 MOCO = ("none", "all")  # the in-framework MoCo v2 step every ratio is taken against
 
 

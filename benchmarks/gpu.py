@@ -82,7 +82,7 @@ def ceiling(args, device: torch.device) -> None:
     )
 
 
-LIMITS = {"step": 150, "peers": 90, "data": 60, "epoch": 120, "ceiling": 90}  # seconds; 510 in all
+LIMITS = {"step": 200, "peers": 80, "data": 50, "epoch": 110, "ceiling": 70}  # seconds; 510 in all
 PARTS = {  # script, arguments (the GPU settings); ceiling runs in this file
     "step": [
         "step.py",
