@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -31,6 +32,12 @@ def npz_or_random(path: Path) -> tuple[Path, str]:
     x = rng.integers(0, 256, (10000, 32, 32, 3), dtype=np.uint8)
     np.savez(out, x_train=x, y_train=rng.integers(0, 10, 10000), x_test=x[:2000], y_test=rng.integers(0, 10, 2000))
     return out, f"random uint8 10000 x 32 x 32 x 3 ({path} not found)"
+
+
+def endless(loader) -> Iterator:
+    """Batches of `loader`, epoch after epoch (a run may ask for more batches than one epoch holds)."""
+    while True:
+        yield from loader
 
 
 def datamodule(npz: Path, batch: int, workers: int, batched: bool, on_device: bool):
@@ -57,7 +64,7 @@ def main() -> None:
     npz, source = npz_or_random(args.npz)
     per_image, cfg = datamodule(npz, args.batch, args.workers, batched=False, on_device=False)
     fast, _ = datamodule(npz, args.batch, 0, batched=True, on_device=device.type == "cuda")
-    per_image_iter, fast_iter = iter(per_image.train_dataloader()), iter(fast.train_dataloader())
+    per_image_iter, fast_iter = endless(per_image.train_dataloader()), endless(fast.train_dataloader())
     fast.trainer = SimpleNamespace(training=True)  # what on_after_batch_transfer asks of the trainer
 
     def per_image_batch() -> None:
