@@ -29,8 +29,8 @@ GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
-    """n x 3 x H x W -> n x 1 x H x W luma."""
-    return torch.einsum("nchw,c->nhw", x, x.new_tensor(GRAY))[:, None]
+    """n x 3 x H x W -> n x 1 x H x W luma (Python-float weights: no constant tensor to copy to the device)."""
+    return (x[:, 0] * GRAY[0] + x[:, 1] * GRAY[1] + x[:, 2] * GRAY[2])[:, None]
 
 
 def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -61,7 +61,7 @@ def _shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     h = (h / 6 + shift[:, None, None]).remainder(1.0)
     s = delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc))
     # HSV -> RGB: channel n = v - v*s*clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6, n = 5, 3, 1
-    k = (x.new_tensor([5.0, 3.0, 1.0])[None, :, None, None] + 6 * h[:, None]).remainder(6)  # n x 3 x H x W
+    k = torch.stack([5 + 6 * h, 3 + 6 * h, 1 + 6 * h], 1).remainder(6)  # n x 3 x H x W
     return maxc[:, None] - (maxc * s)[:, None] * torch.minimum(k, 4 - k).clamp(0, 1)
 
 
@@ -79,10 +79,9 @@ def _blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tenso
     return F.conv2d(padded, k2, groups=n * c).reshape(n, c, h, w)
 
 
-def _rows(mask: torch.Tensor, device: torch.device) -> torch.Tensor | None:
-    """CPU bool mask (n) -> indices on `device`, or None when no row is selected."""
-    index = mask.nonzero().flatten()
-    return index.to(device, non_blocking=True) if index.numel() else None
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on `device`; to a GPU from pinned memory, so the copy does not wait for queued work."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
 
 class BatchedView:
@@ -151,26 +150,34 @@ class BatchedView:
         }
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """uint8 B x 3 x H x W -> normalised float B x 3 x size x size."""
+        """uint8 B x 3 x H x W -> normalised float B x 3 x size x size.
+
+        Which rows each op touches, and with what strength, is decided on the CPU; all of it
+        reaches the device in two copies, and no op reads a device value back: on a GPU the
+        whole view is queued without waiting.
+        """
         n, _, height, width = images.shape
         p = self.sample(n, height, width, generator)
-        dev = images.device
-        x = images.float().div_(255).contiguous()  # B x 3 x H x W
-        boxes = torch.cat([torch.arange(n, dtype=torch.float32)[:, None], p["box"]], 1).to(dev, non_blocking=True)  # B x 5
-        x = roi_align(x, boxes, self.size, sampling_ratio=-1, aligned=True)  # B x 3 x size x size
-        if (rows := _rows(p["flip"], dev)) is not None:
-            x[rows] = x[rows].flip(-1)
-        for position in range(4):  # each image applies its own permutation of the four ops
+        order, factor = p["jitter_order"], p["jitter_factor"]  # n x 4 each
+        steps = [(lambda v, _: v.flip(-1), p["flip"], None)]  # (op, CPU bool mask n, per-row value n or None)
+        for position in range(4):  # each image applies its own permutation of the four jitter ops
             for op_id, op in enumerate(JITTER_OPS):
-                selected = p["jitter"] & (p["jitter_order"][:, position] == op_id) & ~p["jitter_factor"][:, op_id].isnan()
-                if (rows := _rows(selected, dev)) is not None:
-                    x[rows] = op(x[rows], p["jitter_factor"][selected, op_id].to(dev, non_blocking=True))
-        if (rows := _rows(p["gray"], dev)) is not None:
-            x[rows] = _gray(x[rows]).expand(-1, 3, -1, -1)
-        if (rows := _rows(p["blur"], dev)) is not None:
-            x[rows] = _blur(x[rows], p["blur_sigma"][p["blur"]].to(dev, non_blocking=True), self.blur_kernel)
-        mean, std = x.new_tensor(self.mean)[None, :, None, None], x.new_tensor(self.std)[None, :, None, None]
-        return (x - mean) / std
+                steps.append((op, p["jitter"] & (order[:, position] == op_id) & ~factor[:, op_id].isnan(), factor[:, op_id]))
+        steps.append((lambda v, _: _gray(v).expand(-1, 3, -1, -1), p["gray"], None))
+        steps.append((lambda v, sigma: _blur(v, sigma, self.blur_kernel), p["blur"], p["blur_sigma"]))
+        rows = [mask.nonzero().flatten() for _, mask, _ in steps]
+        values = [value[mask] if value is not None else torch.empty(0) for _, mask, value in steps]
+        boxes = torch.cat([torch.arange(n, dtype=torch.float32)[:, None], p["box"]], 1)  # n x 5: image, x1 y1 x2 y2
+        dev_rows = _to_device(torch.cat(rows), images.device).split([len(r) for r in rows])
+        dev_boxes, *dev_values = _to_device(torch.cat([boxes.flatten(), *values]), images.device).split([5 * n, *map(len, values)])
+        x = images.float().div_(255).contiguous()  # B x 3 x H x W
+        x = roi_align(x, dev_boxes.view(n, 5), self.size, sampling_ratio=-1, aligned=True)  # B x 3 x size x size
+        for (op, _, _), cpu_rows, r, v in zip(steps, rows, dev_rows, dev_values):
+            if len(cpu_rows):
+                x[r] = op(x[r], v)  # r, v: the selected rows and their strengths, on the device
+        for c in range(3):
+            x[:, c].sub_(self.mean[c]).div_(self.std[c])
+        return x
 
 
 def strong_view(size: int, mean: list[float], std: list[float], **recipe) -> BatchedView:
