@@ -15,20 +15,12 @@ from PIL import Image
 from mcl.data import batched, transforms
 from mcl.data.sources import DatasetError
 from mcl.train import build, train
+from tests.conftest import make_cfg
 
 N = 1000  # views per path and op; the KS test's 0.1% critical distance is then about 0.09
 SIZE = 32
 UNIT = {"size": SIZE, "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}  # views read back as pixel values in [0, 1]
 NOTHING = {"crop_scale": (1.0, 1.0), "jitter_prob": 0.0, "gray_prob": 0.0, "blur_prob": 0.0, "flip_prob": 0.0}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensor ops on shared cores: one intra-op thread is several times faster than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def both_paths(image: torch.Tensor, **recipe) -> tuple[torch.Tensor, torch.Tensor]:
@@ -252,8 +244,8 @@ def test_both_paths_train_the_same_model_to_comparable_knn(cfg_factory, tmp_path
     data = coloured_stripes(tmp_path / "stripes.npz")
     common = [*SMALL, "dataset=npz", f"dataset.path={data}", "seed=0", "monitor.at_start=true"]
     common += ["trainer.limit_train_batches=8", "trainer.limit_val_batches=null"]
-    per_image = train(cfg_factory([*common, "data.batched_augment=false"]))
-    fast = train(cfg_factory([*common, "data.batched_augment=true"]))
+    per_image = train(make_cfg([*common, "data.batched_augment=false"], tmp_path / "per_image"))
+    fast = train(make_cfg([*common, "data.batched_augment=true"], tmp_path / "batched"))
     print({"initial": per_image["initial"]["val/knn_top1"], "per-image": per_image["val/knn_top1"], "batched": fast["val/knn_top1"]})
     assert per_image["initial"]["val/knn_top1"] == pytest.approx(fast["initial"]["val/knn_top1"])  # same model at the start
     for summary in (per_image, fast):
