@@ -52,4 +52,3 @@ def test_wandb_without_api_key_runs_offline_and_never_prompts(tmp_path):
     assert "logging offline" in result.stdout
     runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
-

@@ -46,7 +46,9 @@ def test_module_loss_with_no_mining_equals_reference_moco_v2(cfg_factory):
     module.bank.keys.copy_(unit(k, 128, seed=3))
     module.bank.indices.copy_(torch.arange(k) + 1000)  # no bank entry comes from this batch
     loss, *_ = module.contrast(q, key, torch.arange(b))
-    reference = F.cross_entropy(torch.cat([(q * key).sum(1, keepdim=True), q @ module.bank.keys.T], 1) / tau, torch.zeros(b, dtype=torch.long))
+    reference = F.cross_entropy(
+        torch.cat([(q * key).sum(1, keepdim=True), q @ module.bank.keys.T], 1) / tau, torch.zeros(b, dtype=torch.long)
+    )
     assert torch.equal(loss, reference)
 
 

@@ -18,15 +18,6 @@ SMALL = ["debug=tiny", "logger=none", "callbacks=none", "dataset=digits", "train
 SMALL += ["trainer.limit_val_batches=0", "data.batch_size=8", "model.queue_size=64"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensor ops on shared cores: one intra-op thread is several times faster than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class CountCalls(TorchFunctionMode):
     """Counts every torch function and tensor method call; records results as large as the bank."""
 

@@ -83,7 +83,9 @@ def stl10(root: str, train_split: str = "train+unlabeled", download: bool = Fals
     try:
         splits = [datasets.STL10(root, split=s, download=download) for s in (train_split, "test")]
     except RuntimeError as err:
-        raise _missing("stl10", Path(root) / "stl10_binary", f"{root}/stl10_binary/ with train_X.bin, unlabeled_X.bin, ...", download) from err
+        raise _missing(
+            "stl10", Path(root) / "stl10_binary", f"{root}/stl10_binary/ with train_X.bin, unlabeled_X.bin, ...", download
+        ) from err
     return tuple(_checked("stl10", s.data.transpose(0, 2, 3, 1), s.labels, num_classes) for s in splits)
 
 

@@ -37,7 +37,9 @@ def strong_view(
     return v2.Compose(ops + _finish(mean, std))
 
 
-def weak_view(size: int, mean: list[float], std: list[float], crop_scale: tuple[float, float] = (0.2, 1.0), flip_prob: float = 0.5, **_) -> v2.Compose:
+def weak_view(
+    size: int, mean: list[float], std: list[float], crop_scale: tuple[float, float] = (0.2, 1.0), flip_prob: float = 0.5, **_
+) -> v2.Compose:
     ops = [v2.RandomResizedCrop(size, scale=tuple(crop_scale), antialias=True), v2.RandomHorizontalFlip(p=flip_prob)]
     return v2.Compose(ops + _finish(mean, std))
 
