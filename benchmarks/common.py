@@ -105,20 +105,11 @@ def name(pair: tuple[str, str]) -> str:
 
 
 def build_module(overrides: list[str], num_classes: int = 10):
-    """MCLModule exactly as `mcl.train.build` makes it, from the composed config."""
-    from mcl.module import MCLModule
-    from mcl.train import plain
+    """MCLModule exactly as `mcl.train.build` makes it, from the composed config (no data needed)."""
+    from mcl.train import build_module as module_of
 
     cfg = config(overrides)
-    module = MCLModule(
-        backbone=plain(cfg.backbone),
-        model=plain(cfg.model),
-        mining=plain(cfg.mining),
-        optim=plain(cfg.optim),
-        monitor=plain(cfg.monitor),
-        num_classes=num_classes,
-    )
-    return module, cfg
+    return module_of(cfg, num_classes), cfg
 
 
 class FixedBatches(L.LightningDataModule):

@@ -108,6 +108,12 @@ def own_errors():
         raise
 
 
+def build_module(cfg: DictConfig, num_classes: int) -> MCLModule:
+    """The LightningModule of a composed config (benchmarks build it without data)."""
+    parts = {k: plain(cfg[k]) for k in ("backbone", "model", "mining", "optim", "monitor")}
+    return MCLModule(**parts, num_classes=num_classes)
+
+
 @own_errors()
 def build(cfg: DictConfig) -> tuple[ContrastiveDataModule, MCLModule, L.Trainer]:
     """The three Lightning pieces, with the data loaded and every check done."""
@@ -121,14 +127,7 @@ def build(cfg: DictConfig) -> tuple[ContrastiveDataModule, MCLModule, L.Trainer]
     datamodule = ContrastiveDataModule(dataset=plain(cfg.dataset), **plain(cfg.data))
     datamodule.trainer = trainer
     datamodule.setup("fit")
-    model = MCLModule(
-        backbone=plain(cfg.backbone),
-        model=plain(cfg.model),
-        mining=plain(cfg.mining),
-        optim=plain(cfg.optim),
-        monitor=plain(cfg.monitor),
-        num_classes=datamodule.num_classes,
-    )
+    model = build_module(cfg, datamodule.num_classes)
     if cfg.auto_resume:  # resolved once here (every DDP process finds the same file); recorded in config_resolved.yaml
         cfg.ckpt_path, cfg.auto_resume = resume_checkpoint(cfg, model, trainer), False
     elif cfg.ckpt_path is not None:
