@@ -41,9 +41,9 @@ class MemoryBank(nn.Module):
         """Write N keys (N x D) at the pointer, oldest first out; K must be a multiple of N."""
         n = keys.shape[0]
         assert self.size % n == 0, f"queue size {self.size} must be a multiple of the keys per step {n}"
-        ptr = int(self.ptr)
-        self.keys[ptr : ptr + n] = keys.to(self.keys.dtype)
-        self.indices[ptr : ptr + n] = indices
-        self.labels[ptr : ptr + n] = labels
-        self.ptr.fill_((ptr + n) % self.size)
+        slots = self.ptr + torch.arange(n, device=self.ptr.device)  # N, read on the device: no host sync
+        self.keys.index_copy_(0, slots, keys.to(self.keys.dtype))
+        self.indices.index_copy_(0, slots, indices)
+        self.labels.index_copy_(0, slots, labels)
+        self.ptr.add_(n).remainder_(self.size)
         self.num_written.add_(n)

@@ -1,17 +1,21 @@
 """The LightningModule: query encoder, EMA key encoder, memory bank and the mining strategies.
 
 Symmetric MoCo v2 with pluggable mining. Per direction (query view a, key view b):
-    logits = [q_a . k_b | q_a . bank] / tau                     B x (1+K)
+    logits = [q_a . k_b | q_a . candidates] / tau               B x (1+K)
     targets from the positive strategy, weights from the negative strategy,
     loss = weighted_infonce(logits, targets, log(weights))       (mcl.loss)
-Both keys of all ranks are gathered and enqueued after the backward pass: the bank read in a step
-never contains that step's keys.
+The candidates (where mined positives and negatives come from) are, with `model.candidates`:
+    bank   the memory bank of EMA keys (MoCo). Both keys of all ranks are gathered and enqueued
+           after the backward pass: the bank read in a step never contains that step's keys.
+    batch  both views' projections of the global batch, with gradient, one encoder, no bank
+           (SimCLR's NT-Xent: the query's own two views are excluded as its own image).
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import hydra
@@ -58,6 +62,16 @@ def build_targets(pos: PositiveSelection, num_bank: int, like: torch.Tensor) -> 
     return targets
 
 
+@dataclass
+class Candidates:
+    """The K entries a query is contrasted with: keys K x D, dataset index K and label K (-1 unknown)."""
+
+    keys: torch.Tensor
+    index: torch.Tensor
+    labels: torch.Tensor
+    full: bool = True  # every entry is a real key (the mining warm-up waits for this)
+
+
 class MCLModule(L.LightningModule):
     """All arguments are plain dicts from the Hydra config (saved in checkpoints as is).
 
@@ -84,14 +98,16 @@ class MCLModule(L.LightningModule):
         self.predictor = (
             mlp(model["proj_out"], model["pred_hidden"], model["proj_out"], 2, last_bn=False) if model["predictor"] else nn.Identity()
         )
-        self.key_backbone = copy.deepcopy(self.backbone).requires_grad_(False)
-        self.key_projector = copy.deepcopy(self.projector).requires_grad_(False)
-        self.bank = MemoryBank(model["queue_size"], model["proj_out"])
+        if model["candidates"] not in ("bank", "batch"):
+            raise ValueError(f"model.candidates must be 'bank' (MoCo) or 'batch' (SimCLR), got {model['candidates']!r}")
+        self.in_batch = model["candidates"] == "batch"
+        self.key_backbone = None if self.in_batch else copy.deepcopy(self.backbone).requires_grad_(False)
+        self.key_projector = None if self.in_batch else copy.deepcopy(self.projector).requires_grad_(False)
+        self.bank = None if self.in_batch else MemoryBank(model["queue_size"], model["proj_out"])
         self.positive = hydra.utils.instantiate(mining["positive"])
         self.negative = hydra.utils.instantiate(mining["negative"])
-        for strategy in (self.positive, self.negative):  # bad knobs fail here, before training
-            if hasattr(strategy, "validate"):
-                strategy.validate(model["queue_size"])
+        if not self.in_batch:  # bad knobs fail here, before training; in-batch: at setup, when the batch is known
+            self.validate_mining(model["queue_size"], f"model.queue_size={model['queue_size']}")
         self.num_classes = num_classes
         self.linear_probe = nn.Linear(dim, num_classes)
         self.val_linear_top1 = MulticlassAccuracy(num_classes, top_k=1, ignore_index=-1)
@@ -101,8 +117,22 @@ class MCLModule(L.LightningModule):
         if model["channels_last"]:
             self.to(memory_format=torch.channels_last)
         if model["compile"]:  # in place: parameter names, checkpoints and the EMA update stay as they are
-            self.backbone.compile()
-            self.key_backbone.compile()
+            for backbone in (self.backbone, self.key_backbone):
+                if backbone is not None:
+                    backbone.compile()
+
+    def validate_mining(self, num_candidates: int, source: str) -> None:
+        """Raise ValueError, naming `source`, if a strategy's knobs cannot run on `num_candidates` entries per query."""
+        for strategy in (s for s in (self.positive, self.negative) if hasattr(s, "validate")):
+            try:
+                strategy.validate(num_candidates)
+            except ValueError as err:
+                raise ValueError(f"{source}: {err}") from None
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.in_batch:
+            n = 2 * self.trainer.datamodule.batch_size * self.trainer.world_size
+            self.validate_mining(n, f"model.candidates=batch: {n} candidates (2 views x data.batch_size x devices)")
 
     # --- encoders -----------------------------------------------------------------------
     def _images(self, x: torch.Tensor) -> torch.Tensor:
@@ -114,10 +144,11 @@ class MCLModule(L.LightningModule):
 
     @torch.no_grad()
     def _update_key_encoder(self, m: float) -> None:
+        if self.in_batch:
+            return
         for online, key in ((self.backbone, self.key_backbone), (self.projector, self.key_projector)):
             torch._foreach_lerp_(list(key.parameters()), list(online.parameters()), 1.0 - m)
-            for kb, ob in zip(key.buffers(), online.buffers()):
-                kb.copy_(ob)
+            torch._foreach_copy_(list(key.buffers()), list(online.buffers()))  # batch-norm statistics
 
     @property
     def progress(self) -> float:
@@ -125,28 +156,41 @@ class MCLModule(L.LightningModule):
         return min(1.0, self.global_step / total) if total and math.isfinite(total) else 0.0
 
     # --- loss ---------------------------------------------------------------------------
-    def mining_context(self, q: torch.Tensor, k: torch.Tensor, index: torch.Tensor) -> MiningContext:
-        """What the mining strategies see: q, k B x D normalised, index B dataset indices (the panel calls this too)."""
-        bank_keys = self.bank.keys.detach()  # K x D, before this step's enqueue
+    def bank_candidates(self) -> Candidates:
+        """The memory bank as it is now (before this step's enqueue), without gradient."""
+        bank = self.bank
+        return Candidates(bank.keys.detach(), bank.indices, bank.labels, bank.is_full)
+
+    def batch_candidates(self, keys: torch.Tensor, index: torch.Tensor, labels: torch.Tensor) -> Candidates:
+        """model.candidates=batch: this step's keys (2B x D, with gradient) of every rank, in rank order."""
+        if self._trainer is not None and self.trainer.world_size > 1:
+            keys = self.all_gather(keys, sync_grads=True).flatten(0, 1)  # gradient flows back to each rank's own keys
+            index, labels = (t.flatten(0, 1) for t in self.all_gather((index, labels)))
+        return Candidates(keys, index, labels)
+
+    def mining_context(self, q: torch.Tensor, k: torch.Tensor, index: torch.Tensor, candidates: Candidates | None = None) -> MiningContext:
+        """What the mining strategies see: q, k B x D normalised, index B dataset indices; candidates: the
+        bank when None (the panel calls this too)."""
+        c = self.bank_candidates() if candidates is None else candidates
         return MiningContext(
             query=q,
             key=k,
-            bank_keys=bank_keys,
-            bank_sim=q @ bank_keys.T,  # B x K
-            key_bank_sim=k @ bank_keys.T,
-            bank_index=self.bank.indices,
+            bank_keys=c.keys,
+            bank_sim=q @ c.keys.T,  # B x K
+            key_bank_sim=(k @ c.keys.T).detach(),
+            bank_index=c.index,
             batch_index=index,
             temperature=self.cfg_model["temperature"],
-            bank_full=self.bank.is_full,
+            bank_full=c.full,
             progress=self.progress,
         )
 
     def contrast(
-        self, q: torch.Tensor, k: torch.Tensor, index: torch.Tensor
+        self, q: torch.Tensor, k: torch.Tensor, index: torch.Tensor, candidates: Candidates | None = None
     ) -> tuple[torch.Tensor, MiningContext, PositiveSelection, NegativeSelection]:
-        """One direction of the loss. q, k: B x D normalised; index: B dataset indices."""
+        """One direction of the loss. q, k: B x D normalised; index: B dataset indices; candidates: the bank when None."""
         tau = self.cfg_model["temperature"]
-        ctx = self.mining_context(q, k, index)
+        ctx = self.mining_context(q, k, index, candidates)
         bank_keys, bank_sim = ctx.bank_keys, ctx.bank_sim  # K x D, B x K
         with torch.no_grad():
             pos = self.positive(ctx)
@@ -160,32 +204,47 @@ class MCLModule(L.LightningModule):
         loss = weighted_infonce(logits, targets, log_weight, neg.log_mass)
         return loss, ctx, pos, neg
 
+    def symmetric_loss(
+        self, q1: torch.Tensor, q2: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, index: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, Candidates, list, list]:
+        """0.5 * (contrast(q1, k2) + contrast(q2, k1)) against the bank, or against both views of the batch."""
+        if self.in_batch:
+            candidates = self.batch_candidates(torch.cat([k1, k2]), torch.cat([index, index]), torch.cat([labels, labels]))
+        else:
+            candidates = self.bank_candidates()
+        loss12, *mined12 = self.contrast(q1, k2, index, candidates)
+        loss21, *mined21 = self.contrast(q2, k1, index, candidates)
+        return 0.5 * (loss12 + loss21), candidates, mined12, mined21
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x1, x2, index, labels = batch
         b = x1.shape[0]
         self._update_key_encoder(momentum_at(self.cfg_model["momentum"], self.progress, self.cfg_model["momentum_schedule"]))
         features = self.backbone(self._images(torch.cat([x1, x2])))  # 2B x out_dim
-        q1, q2 = F.normalize(self.predictor(self.projector(features)), dim=1).split(b)  # B x D each
-        with torch.no_grad():
-            k1, k2 = F.normalize(self.key_projector(self.key_backbone(self._images(torch.cat([x1, x2])))), dim=1).split(b)
-        loss12, *mined12 = self.contrast(q1, k2, index)
-        loss21, *mined21 = self.contrast(q2, k1, index)
-        loss = 0.5 * (loss12 + loss21)
-        self._log_mining(labels, mined12, mined21)
+        z = self.projector(features)
+        q1, q2 = F.normalize(self.predictor(z), dim=1).split(b)  # B x D each
+        if self.in_batch:  # one encoder: the keys are the online projections, with gradient
+            k1, k2 = F.normalize(z, dim=1).split(b)
+        else:
+            with torch.no_grad():
+                k1, k2 = F.normalize(self.key_projector(self.key_backbone(self._images(torch.cat([x1, x2])))), dim=1).split(b)
+        loss, candidates, mined12, mined21 = self.symmetric_loss(q1, q2, k1, k2, index, labels)
+        self._log_mining(labels, candidates.labels, mined12, mined21)
         probe_loss = F.cross_entropy(self.linear_probe(features[:b].detach()), labels, ignore_index=-1)
-        self._pending = (torch.cat([k1, k2]), torch.cat([index, index]), torch.cat([labels, labels]))
+        if not self.in_batch:
+            self._pending = (torch.cat([k1, k2]), torch.cat([index, index]), torch.cat([labels, labels]))
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         self.log("train/linear_loss", probe_loss, sync_dist=True)
         return loss + probe_loss
 
-    def _log_mining(self, labels: torch.Tensor, *directions: list) -> None:
+    def _log_mining(self, labels: torch.Tensor, candidate_labels: torch.Tensor, *directions: list) -> None:
         """`mining/*` diagnostics (mcl.mining.diagnostics), averaged over the two directions.
 
         Labels are read here only. Logged from each rank's own batch without a collective: a
         diagnostic is absent in a step where it is undefined (e.g. purity before mining starts).
         """
-        stats = [mining_diagnostics(ctx, pos, neg, labels, self.bank.labels) for ctx, pos, neg in directions]
+        stats = [mining_diagnostics(ctx, pos, neg, labels, candidate_labels) for ctx, pos, neg in directions]
         for name in stats[0].keys() & stats[1].keys():
             value = 0.5 * (stats[0][name] + stats[1][name])
             self.log(f"mining/{name}", value, on_step=True, on_epoch=True, batch_size=labels.shape[0])

@@ -78,7 +78,8 @@ class JobStatusFile(Callback):
             err = job_return._return_value  # the exception; `.return_value` would re-raise it
             fields["error"] = f"{type(err).__name__}: {err}"
             fields["traceback"] = "".join(traceback.format_exception(err))
-            print(f"mcl: job {config.hydra.job.get('num')} failed ({fields['error']}); the sweep goes on", file=sys.stderr)
+            if config.hydra.job.get("num") is not None:  # a single run: Hydra prints the error itself
+                print(f"mcl: job {config.hydra.job.num} failed ({fields['error']}); the sweep goes on", file=sys.stderr)
         self._write(config, **fields)
 
 

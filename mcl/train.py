@@ -37,8 +37,20 @@ def check_config(cfg: DictConfig, world_size: int) -> None:
                 f"mining.{side} must select a strategy file from conf/mining.{side}/ (e.g. mining.{side}=...), "
                 f"got {node!r}; set knobs with mining.{side}.<knob>=value"
             )
+    if cfg.model.candidates == "batch":
+        if any(str(c.get("_target_", "")).endswith("MiningPanel") for c in (cfg.get("callbacks") or {}).values() if c is not None):
+            raise ConfigError(
+                "callbacks.mining_panel draws the bank's neighbours, and model.candidates=batch has no bank: "
+                "remove it with ~callbacks.mining_panel (experiment=simclr does)"
+            )
+        for side in ("positive", "negative"):
+            if not cfg.mining[side].get("exclude_self", True):
+                raise ConfigError(
+                    f"model.candidates=batch contrasts each query with its own two views too: "
+                    f"mining.{side}.exclude_self must stay true, got false"
+                )
     keys_per_step = 2 * cfg.data.batch_size * world_size
-    if cfg.model.queue_size % keys_per_step:
+    if cfg.model.candidates == "bank" and cfg.model.queue_size % keys_per_step:
         raise ConfigError(
             f"model.queue_size={cfg.model.queue_size} must be a multiple of the keys enqueued per step: "
             f"2 views x data.batch_size={cfg.data.batch_size} x {world_size} device(s) = {keys_per_step}"

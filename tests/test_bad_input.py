@@ -17,7 +17,7 @@ from PIL import Image
 
 from mcl.data.sources import DatasetError
 from mcl.reliability import CheckpointError
-from mcl.train import ConfigError, build
+from mcl.train import ConfigError, build, train
 
 
 def build_with(tmp_path: Path, *overrides: str):
@@ -47,11 +47,22 @@ def build_with(tmp_path: Path, *overrides: str):
         (["auto_resume=true", "callbacks=none"], ConfigError, r"auto_resume=true .* no callback writes any"),
         (["ckpt_path=/nonexistent/last.ckpt"], CheckpointError, r"ckpt_path=/nonexistent/last.ckpt: no such file"),
         (["trainer.precision=17"], ValueError, r"[Pp]recision .*17"),
+        (["model.candidates=queue", "callbacks=none"], ValueError, r"model.candidates must be 'bank' \(MoCo\) or 'batch' \(SimCLR\)"),
+        (["model.candidates=batch"], ConfigError, r"callbacks.mining_panel draws the bank's neighbours, .* ~callbacks.mining_panel"),
+        (["experiment=simclr", "mining.negative.exclude_self=false"], ConfigError, r"mining.negative.exclude_self must stay true"),
     ],
 )
 def test_bad_config_is_one_clear_error_before_training(tmp_path, overrides, error, message):
     with pytest.raises(error, match=message):
         build_with(tmp_path, *overrides)
+
+
+def test_in_batch_knobs_are_checked_against_the_batch_before_training(tmp_path):
+    """With model.candidates=batch the candidates are 2 x 32 (debug=tiny's batch) x 1 device: topk 100 cannot run."""
+    cfg = make_cfg([*TINY, "experiment=simclr", "mining.positive=soft", "mining.positive.topk=100"], tmp_path / "run")
+    with pytest.raises(ValueError, match=r"model.candidates=batch: 64 candidates .*topk=100 must lie in \[1, "):
+        train(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 @pytest.mark.parametrize("override", ["dataset=cifar11", "mining.negative=nope", "backbone=resnet7"])

@@ -84,6 +84,44 @@ def test_no_mining_equals_moco_v2_to_the_bit(tmp_path, overrides):
         assert (pos.weight > 0).any()  # something was mined, and lam = 1 ignored it
 
 
+def nt_xent_reference(z1: torch.Tensor, z2: torch.Tensor, tau: float) -> torch.Tensor:
+    """SimCLR's NT-Xent, written directly: 2N anchors, positive = the other view, negatives = the other 2N - 2."""
+    z = F.normalize(torch.cat([z1, z2]), dim=1)  # 2N x D
+    n = z1.shape[0]
+    logits = (z @ z.T / tau).fill_diagonal_(float("-inf"))
+    return F.cross_entropy(logits, torch.cat([torch.arange(n, 2 * n), torch.arange(n)]))
+
+
+def test_in_batch_candidates_are_simclrs_nt_xent_with_its_gradient(tmp_path):
+    """model.candidates=batch with no mining: loss and gradient (through queries, positives and
+    negatives alike) equal NT-Xent's; the query's own two views are neither negatives nor counted twice."""
+    module = make_module(tmp_path, ["experiment=simclr", "callbacks=none"])
+    assert module.bank is None and module.key_backbone is None
+    z1, z2 = (torch.randn(8, 128, generator=torch.Generator().manual_seed(s)).requires_grad_(True) for s in (1, 2))
+    q1, q2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
+    index, labels = torch.arange(8) + 100, torch.arange(8) % 3
+    loss, candidates, *_ = module.symmetric_loss(q1, q2, q1, q2, index, labels)
+    reference = nt_xent_reference(z1, z2, module.cfg_model["temperature"])
+    assert candidates.keys.shape == (16, 128) and candidates.labels.tolist() == labels.tolist() * 2
+    torch.testing.assert_close(loss, reference, rtol=1e-6, atol=1e-6)
+    ours = torch.autograd.grad(loss, (z1, z2))
+    theirs = torch.autograd.grad(reference, (z1, z2))
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_in_batch_mining_mines_among_the_other_images_of_the_batch(tmp_path):
+    module = make_module(tmp_path, ["experiment=simclr", "callbacks=none", "mining.positive=nn", "mining.negative=gradient"])
+    q1, q2 = unit(8, 128, seed=1), unit(8, 128, seed=2)
+    index = torch.arange(8) + 100
+    _, candidates, (ctx, pos, neg), _ = module.symmetric_loss(q1, q2, q1, q2, index, torch.zeros(8, dtype=torch.long))
+    assert (candidates.index[pos.index[:, 0]] != index).all()  # the neighbour is another image of the batch
+    kept = neg.weight > 0  # 8 x 16
+    assert not (kept & ctx.self_mask).any() and ctx.self_mask.sum(1).tolist() == [2] * 8
+    start, end = module.negative.edges(16, 0.0)
+    assert kept.sum(1).tolist() == [end - start] * 8
+
+
 # --- positives -----------------------------------------------------------------------------
 def test_soft_weights_are_a_distribution_ordered_like_the_similarities():
     soft, _ = strategies("soft")

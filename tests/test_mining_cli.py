@@ -38,11 +38,24 @@ def test_every_strategy_trains_through_the_cli(tmp_path, sweep):
     assert "failed" not in result.stdout
 
 
+# Every strategy at least once, in pairs (a 2-process run costs ~20 s here); the last mines among SimCLR's in-batch candidates.
+DDP_PAIRS = [
+    ["mining.positive=soft_hard", "mining.negative=gradient"],
+    ["mining.positive=nn", "mining.negative=ring"],
+    ["mining.positive=soft", "mining.negative=fn_elimination"],
+    ["mining.positive=hard", "mining.negative=hard"],
+    ["mining.positive=soft_hard", "mining.negative=debiased"],
+    ["experiment=simclr", "mining.positive=soft_hard", "mining.negative=gradient"],
+]
+
+
 @pytest.mark.slow
-def test_the_paper_method_trains_under_two_process_cpu_ddp(tmp_path):
-    """One combined run (the other strategies differ only in per-rank tensor code): mined positives,
-    the negative band and the diagnostics, logged per rank without a collective, on two processes."""
-    args = [*FAST, "trainer=ddp_cpu", "mining.positive=soft_hard", "mining.negative=gradient", f"hydra.run.dir={tmp_path / 'run'}"]
+@pytest.mark.parametrize("pair", DDP_PAIRS, ids=lambda pair: "+".join(o.split("=")[1] for o in pair))
+def test_every_strategy_trains_under_two_process_cpu_ddp(tmp_path, pair):
+    """Mined positives, negative selection and diagnostics (logged per rank without a collective) on two
+    processes; `none` + `all` is MoCo v2, which tests/test_ddp.py runs. With in-batch candidates the keys of
+    both ranks are gathered with their gradient."""
+    args = [*pair, *FAST, "trainer=ddp_cpu", f"hydra.run.dir={tmp_path / 'run'}"]
     result = run_cli(args, cwd=tmp_path, env=ONE_THREAD)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert result.stdout.count("== mcl summary ==") == 1  # printed by rank 0 only

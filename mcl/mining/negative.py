@@ -35,22 +35,16 @@ def keep_all(ctx: MiningContext, exclude_self: bool) -> NegativeSelection:
     return NegativeSelection(weight=None if not exclude_self else (~ctx.self_mask).to(ctx.bank_sim.dtype))
 
 
-def descending_ranks(sim: torch.Tensor, last: torch.Tensor | None = None) -> torch.Tensor:
-    """B x K long: rank of each entry in its row, 0 = most similar; entries in `last` rank last."""
-    if last is not None:
-        sim = sim.masked_fill(last, float("-inf"))
-    order = sim.argsort(dim=1, descending=True, stable=True)  # B x K: column of rank r
-    ranks = torch.empty_like(order)
-    return ranks.scatter_(1, order, torch.arange(sim.shape[1], device=sim.device).expand_as(order))
-
-
 def rank_band(sim: torch.Tensor, start: int, end: int, exclude: torch.Tensor | None) -> torch.Tensor:
     """B x K float mask: 1 for the entries whose descending rank lies in [start, end), 0 elsewhere.
 
     sim: B x K (no gradient); exclude: B x K bool, always 0 and ranked after every other entry.
+    A top-`end` selection, not a sort of all K: exactly end - start entries a row, ties or not.
     """
-    ranks = descending_ranks(sim, exclude)
-    keep = (ranks >= start) & (ranks < end)
+    if exclude is not None:
+        sim = sim.masked_fill(exclude, float("-inf"))
+    top = sim.topk(end, dim=1).indices  # B x end, most similar first
+    keep = torch.zeros_like(sim, dtype=torch.bool).scatter_(1, top[:, start:], True)
     if exclude is not None:
         keep &= ~exclude
     return keep.to(sim.dtype)
@@ -121,13 +115,13 @@ class GradientBandNegatives:
             if not 0 <= a < b <= limit:
                 raise ValueError(
                     f"mining.negative band edges at the {when} of training must satisfy 0 <= start < end <= {limit} "
-                    f"(unit={self.unit}, model.queue_size={bank_size}), got start={a}, end={b}"
+                    f"(unit={self.unit}, {bank_size} candidates), got start={a}, end={b}"
                 )
         for progress in (0.0, 1.0):
             lo, hi = self.edges(bank_size, progress)
             if hi - lo < 1:
                 raise ValueError(
-                    f"mining.negative band [{lo}, {hi}) keeps zero negatives of a bank of {bank_size} "
+                    f"mining.negative band [{lo}, {hi}) keeps zero negatives of {bank_size} candidates "
                     f"(start={self.start}, end={self.end}, final_start={self.final_start}, final_end={self.final_end})"
                 )
 
@@ -170,7 +164,7 @@ class RingNegatives:
             lo, hi = self.edges(bank_size, progress)
             if hi - lo < 1:
                 raise ValueError(
-                    f"mining.negative ring [{lo}, {hi}) keeps zero negatives of a bank of {bank_size} "
+                    f"mining.negative ring [{lo}, {hi}) keeps zero negatives of {bank_size} candidates "
                     f"(outer={self.outer}, inner={self.inner}, initial_outer={self.initial_outer})"
                 )
 
@@ -234,7 +228,7 @@ class DebiasedNegatives:
         if self.beta < 0:
             raise ValueError(f"mining.negative.beta must be >= 0, got {self.beta}")
         if self.exclude_self and bank_size < 2:
-            raise ValueError(f"mining.negative={type(self).__name__} needs a bank of at least 2 entries, got {bank_size}")
+            raise ValueError(f"mining.negative={type(self).__name__} needs at least 2 candidates, got {bank_size}")
 
     def __call__(self, ctx: MiningContext) -> NegativeSelection:
         selection = keep_all(ctx, self.exclude_self)

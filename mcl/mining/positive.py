@@ -95,9 +95,9 @@ class NeighbourPositives:
         self.exclude_self, self.warmup = exclude_self, warmup
 
     def validate(self, bank_size: int) -> None:
-        """Raise ValueError if this strategy cannot run on a bank of `bank_size` entries."""
+        """Raise ValueError if this strategy cannot run on `bank_size` candidates (bank entries or batch keys)."""
         if not 1 <= self.topk <= bank_size:
-            raise ValueError(f"mining.positive.topk={self.topk} must lie in [1, model.queue_size={bank_size}]")
+            raise ValueError(f"mining.positive.topk={self.topk} must lie in [1, {bank_size}], the number of candidates")
         if self.hard_rule is not None and self.hard_rule not in HARD_RULES:
             raise ValueError(f"mining.positive.hard_rule must be one of {HARD_RULES} or null, got {self.hard_rule!r}")
         if not 0.0 <= self.lam <= 1.0:
