@@ -27,7 +27,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from mcl.bank import MemoryBank
 from mcl.loss import weighted_infonce
-from mcl.mining.base import MiningContext, NegativeSelection, PositiveSelection
+from mcl.mining.base import MiningContext, NegativeSelection, PositiveSelection, select
 from mcl.mining.diagnostics import mining_diagnostics
 from mcl.models import mlp
 from mcl.monitors import knn_predict, topk_accuracy
@@ -192,9 +192,7 @@ class MCLModule(L.LightningModule):
         tau = self.cfg_model["temperature"]
         ctx = self.mining_context(q, k, index, candidates)
         bank_keys, bank_sim = ctx.bank_keys, ctx.bank_sim  # K x D, B x K
-        with torch.no_grad():
-            pos = self.positive(ctx)
-        neg = self.negative(ctx)  # with gradient: a debiased log_mass is part of the loss
+        pos, neg = select(ctx, self.positive, self.negative)
         logits = torch.cat([(q * k).sum(1, keepdim=True), bank_sim], dim=1) / tau  # B x (1+K)
         targets = build_targets(pos, bank_keys.shape[0], logits)
         log_weight = None

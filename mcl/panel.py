@@ -27,6 +27,7 @@ from torch.nn import functional as F
 
 from mcl.data.datamodule import ContrastiveDataModule
 from mcl.data.sources import Images
+from mcl.mining.base import select
 from mcl.module import MCLModule
 
 NOT_IN_BANK = -2  # dataset index of the validation queries: bank slots hold >= -1, so none is "self"
@@ -54,7 +55,7 @@ def mine(module: MCLModule, images: torch.Tensor, num_positives: int = 5, num_ne
         q = F.normalize(module.predictor(module.projector(module.backbone(images))), dim=1)  # B x D
         k = F.normalize(module.key_projector(module.key_backbone(images)), dim=1)  # B x D
         ctx = module.mining_context(q, k, torch.full((len(images),), NOT_IN_BANK, device=q.device))
-        pos, neg = module.positive(ctx), module.negative(ctx)
+        pos, neg = select(ctx, module.positive, module.negative)
     finally:
         module.train(was_training)
     positive = torch.zeros_like(ctx.bank_sim, dtype=torch.bool)  # B x K: slots mined as positives

@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from torch.nn import functional as F
 
 from mcl.loss import weighted_infonce
-from mcl.mining.base import MiningContext, NegativeSelection, PositiveSelection
+from mcl.mining.base import MiningContext, NegativeSelection, PositiveSelection, select
 from mcl.mining.diagnostics import mining_diagnostics
 from mcl.mining.negative import DebiasedNegatives, GradientBandNegatives, RingNegatives
 from mcl.module import MCLModule, build_targets
@@ -247,6 +247,23 @@ def test_hcl_and_dcl_match_the_published_formula(beta, tau_plus):
     torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-6)
     if tau_plus == 0.5:
         assert clamped.any() and not clamped.all()  # both branches of the clamp are exercised
+
+
+def test_debiased_estimate_leaves_out_the_mined_positives():
+    """With mined positives (lam < 1) HCL's negative mass is its formula over the other entries only:
+    a mined positive sits in Z once, as a positive, not again inside the negatives' estimate."""
+    t, b = 0.5, 16
+    q, k, bank = unit(b, 16, seed=16), unit(b, 16, seed=17), unit(48, 16, seed=18)
+    soft, hcl = strategies("soft", "hard")
+    ctx = context(q, k, bank, tau=t)
+    pos, neg = select(ctx, soft, hcl)
+    mined = ctx.positive
+    assert mined is not None and mined.sum(1).tolist() == [soft.topk] * b
+    assert not (neg.weight.bool() & mined).any()
+    for i in range(b):  # the published formula, row by row, over the bank without row i's mined entries
+        expected, _ = hcl_reference(q[i : i + 1], k[i : i + 1], bank[~mined[i]], t, hcl.beta, hcl.tau_plus)
+        reference_ng = torch.exp((q[i] * k[i]).sum() / t) * torch.expm1(expected)  # from -log(pos / (pos + ng))
+        torch.testing.assert_close(neg.log_mass[i].exp(), reference_ng, rtol=1e-5, atol=1e-6)
 
 
 def test_ring_matches_the_published_moco_ring_loss():

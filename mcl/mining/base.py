@@ -26,6 +26,8 @@ class MiningContext:
     temperature: InfoNCE temperature tau.
     bank_full:   every bank slot holds a real key (warm-up is over).
     progress:    training progress in [0, 1], for scheduled knobs.
+    positive:    B x K bool, the entries mined as positives with target mass (set by `select`
+                 between the two strategies; None when nothing was mined): never negatives.
     """
 
     query: torch.Tensor
@@ -38,6 +40,7 @@ class MiningContext:
     temperature: float
     bank_full: bool = True
     progress: float = 0.0
+    positive: torch.Tensor | None = None
 
     @property
     def self_mask(self) -> torch.Tensor:
@@ -100,3 +103,20 @@ class AllNegatives:
         if not self.exclude_self:
             return NegativeSelection()
         return NegativeSelection(weight=(~ctx.self_mask).to(ctx.bank_sim.dtype))
+
+
+def mined_mask(pos: PositiveSelection, num_entries: int) -> torch.Tensor | None:
+    """B x K bool: entries with target mass (1 - lam) * w > 0; None when nothing is mined or lam = 1."""
+    if pos.index.shape[1] == 0 or pos.lam >= 1:
+        return None
+    mask = torch.zeros(pos.index.shape[0], num_entries, dtype=torch.bool, device=pos.index.device)
+    return mask.scatter_(1, pos.index, pos.weight > 0)
+
+
+def select(ctx: MiningContext, positive, negative) -> tuple[PositiveSelection, NegativeSelection]:
+    """Run both strategies on one direction: positives first (no gradient), then negatives, which see
+    the mined positives as `ctx.positive` (a debiased estimate must not count them as negatives)."""
+    with torch.no_grad():
+        pos = positive(ctx)
+    ctx.positive = mined_mask(pos, ctx.bank_sim.shape[1])
+    return pos, negative(ctx)  # with gradient: a debiased log_mass is part of the loss

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from mcl.mining.base import MiningContext, NegativeSelection, PositiveSelection
+from mcl.mining.base import MiningContext, NegativeSelection, PositiveSelection, mined_mask
 
 
 def share(hits: torch.Tensor, among: torch.Tensor) -> torch.Tensor | None:
@@ -44,9 +44,8 @@ def mining_diagnostics(
         out["pos_kept"] = mined_kept.sum(dim=1).float().mean()
         out["pos_purity"] = share(mined_labels == query_labels[:, None], mined_kept & (mined_labels >= 0) & (query_labels[:, None] >= 0))
 
-    positive = torch.zeros_like(same)  # B x K: mined entries with target mass are positives, not negatives
-    if mined_kept.shape[1] > 0 and pos.lam < 1:
-        positive.scatter_(1, pos.index, mined_kept)
+    positive = mined_mask(pos, same.shape[1])  # B x K: mined entries with target mass are positives, not negatives
+    positive = torch.zeros_like(same) if positive is None else positive
     own = ctx.self_mask
     kept = (torch.ones_like(same) if neg.weight is None else neg.weight > 0) & ~positive  # B x K
     dropped = ~kept & ~positive & ~own

@@ -206,7 +206,8 @@ class FalseNegativeElimination:
 class DebiasedNegatives:
     """`mining.negative=hard` (HCL) and `mining.negative=debiased` (DCL, beta = 0).
 
-    With s_ij = q_i . bank_j / t over the N_i kept entries, pos_i = exp(q_i . k_i / t):
+    With s_ij = q_i . bank_j / t over the N_i kept entries (all but the query's own image and the
+    entries mined as positives, `ctx.positive`), pos_i = exp(q_i . k_i / t):
         imp_ij = exp(beta * s_ij)                                    importance weights
         R_i    = sum_j imp_ij exp(s_ij) / mean_j imp_ij              reweighted negative mass
         Ng_i   = max((R_i - tau_plus * N_i * pos_i) / (1 - tau_plus), N_i * exp(-1 / t))
@@ -237,6 +238,8 @@ class DebiasedNegatives:
         t = ctx.temperature
         s = ctx.bank_sim.float() / t  # B x K, carries gradient
         keep = torch.ones_like(s, dtype=torch.bool) if selection.weight is None else selection.weight > 0  # B x K
+        if ctx.positive is not None:  # mined positives are in Z as positives, not in the negatives' estimate
+            keep &= ~ctx.positive
         s = s.masked_fill(~keep, float("-inf"))
         n = keep.sum(dim=1).to(s.dtype)  # B: N_i
         log_imp = self.beta * s  # B x K, log importance weights (-inf where dropped)
