@@ -26,6 +26,7 @@ class MemoryBank(nn.Module):
         self.register_buffer("labels", torch.full((size,), -1, dtype=torch.long))  # K
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("num_written", torch.zeros((), dtype=torch.long))
+        self._full = False  # once full, always full: later steps skip the host read of num_written
 
     @property
     def size(self) -> int:
@@ -34,7 +35,13 @@ class MemoryBank(nn.Module):
     @property
     def is_full(self) -> bool:
         """True once every slot holds a real key (mining warm-up waits for this)."""
-        return bool(self.num_written >= self.size)
+        if not self._full:
+            self._full = bool(self.num_written >= self.size)
+        return self._full
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._full = False  # read num_written again
 
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor, indices: torch.Tensor, labels: torch.Tensor) -> None:

@@ -98,9 +98,10 @@ class MCLModule(L.LightningModule):
         self.predictor = (
             mlp(model["proj_out"], model["pred_hidden"], model["proj_out"], 2, last_bn=False) if model["predictor"] else nn.Identity()
         )
-        if model["candidates"] not in ("bank", "batch"):
-            raise ValueError(f"model.candidates must be 'bank' (MoCo) or 'batch' (SimCLR), got {model['candidates']!r}")
-        self.in_batch = model["candidates"] == "batch"
+        candidates = model.get("candidates", "bank")  # checkpoints written before the option hold a bank
+        if candidates not in ("bank", "batch"):
+            raise ValueError(f"model.candidates must be 'bank' (MoCo) or 'batch' (SimCLR), got {candidates!r}")
+        self.in_batch = candidates == "batch"
         self.key_backbone = None if self.in_batch else copy.deepcopy(self.backbone).requires_grad_(False)
         self.key_projector = None if self.in_batch else copy.deepcopy(self.projector).requires_grad_(False)
         self.bank = None if self.in_batch else MemoryBank(model["queue_size"], model["proj_out"])

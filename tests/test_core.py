@@ -83,6 +83,8 @@ def test_bank_enqueue_wraps_around_and_moves_the_pointer():
     assert bank.labels.tolist() == [3, 3, 1, 1, 2, 2]
     with pytest.raises(AssertionError, match="multiple"):
         bank.enqueue(torch.zeros(4, 4), torch.zeros(4, dtype=torch.long), torch.zeros(4, dtype=torch.long))
+    bank.load_state_dict(MemoryBank(size=6, dim=4).state_dict())  # a checkpoint taken before the bank filled
+    assert not bank.is_full and int(bank.ptr) == 0
 
 
 def test_schedules():

@@ -14,10 +14,12 @@ from conftest import TINY, make_cfg
 from omegaconf import DictConfig
 from torch.nn import functional as F
 
+from mcl.eval.common import EvalError
+from mcl.export import backbone_state_dict
 from mcl.loss import weighted_infonce
 from mcl.mining.base import MiningContext, NegativeSelection, PositiveSelection, select
 from mcl.mining.diagnostics import mining_diagnostics
-from mcl.mining.negative import DebiasedNegatives, GradientBandNegatives, RingNegatives
+from mcl.mining.negative import DebiasedNegatives, GradientBandNegatives, RingNegatives, rank_band
 from mcl.module import MCLModule, build_targets
 from mcl.train import build, plain, train
 
@@ -110,6 +112,16 @@ def test_in_batch_candidates_are_simclrs_nt_xent_with_its_gradient(tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
+def test_in_batch_module_has_one_encoder_and_bank_checkpoints_still_load(tmp_path):
+    simclr = make_module(tmp_path, ["experiment=simclr", "callbacks=none"])
+    assert backbone_state_dict(simclr).keys() == simclr.backbone.state_dict().keys()
+    with pytest.raises(EvalError, match="no key encoder .* use encoder=query"):
+        backbone_state_dict(simclr, "key")
+    older = dict(simclr.hparams)  # hyper-parameters written before model.candidates existed
+    older["model"] = {k: v for k, v in older["model"].items() if k != "candidates"}
+    assert MCLModule(**older).bank is not None
+
+
 def test_in_batch_mining_mines_among_the_other_images_of_the_batch(tmp_path):
     module = make_module(tmp_path, ["experiment=simclr", "callbacks=none", "mining.positive=nn", "mining.negative=gradient"])
     q1, q2 = unit(8, 128, seed=1), unit(8, 128, seed=2)
@@ -183,6 +195,22 @@ def test_gradient_band_keeps_exactly_the_configured_ranks(rank_by, unit_, start,
         order = [j for j in reference[i].argsort(descending=True).tolist() if j not in own]
         assert sorted((weight[i] > 0).nonzero().flatten().tolist()) == sorted(order[lo:hi]), i
     assert set(weight.unique().tolist()) == {0.0, 1.0}
+
+
+def test_band_with_tied_similarities_keeps_exactly_its_width():
+    """Low-precision similarities tie often (bf16 under AMP): the band still keeps end - start entries
+    a row, and they are ranks [start, end) of some order of the similarities with the ties broken."""
+    start, end = 20, 90
+    sim = torch.randint(0, 5, (64, 200)).float()  # five values: ties everywhere, also at both edges
+    own = torch.zeros(64, 200, dtype=torch.bool)
+    own[:, :3] = True
+    keep = rank_band(sim, start, end, own).bool()
+    assert keep.sum(1).tolist() == [end - start] * 64 and not (keep & own).any()
+    for row, kept, mine in zip(sim, keep, own):
+        top, bottom, dropped = row[kept].max(), row[kept].min(), row[~kept & ~mine]
+        assert not ((dropped > bottom) & (dropped < top)).any()  # nothing dropped from inside the band
+        assert (dropped > top).sum() <= start <= (dropped >= top).sum()  # a head of exactly `start` fits above
+        assert (dropped < bottom).sum() <= len(dropped) - start <= (dropped <= bottom).sum()  # and the tail below
 
 
 def test_gradient_band_edges_anneal_with_progress():

@@ -39,12 +39,16 @@ def rank_band(sim: torch.Tensor, start: int, end: int, exclude: torch.Tensor | N
     """B x K float mask: 1 for the entries whose descending rank lies in [start, end), 0 elsewhere.
 
     sim: B x K (no gradient); exclude: B x K bool, always 0 and ranked after every other entry.
-    A top-`end` selection, not a sort of all K: exactly end - start entries a row, ties or not.
+    Two unsorted top-k selections, not a sort of all K: the top `end`, then its top `start` (the
+    head) dropped again; exactly end - start entries a row, ties or not.
     """
     if exclude is not None:
         sim = sim.masked_fill(exclude, float("-inf"))
-    top = sim.topk(end, dim=1).indices  # B x end, most similar first
-    keep = torch.zeros_like(sim, dtype=torch.bool).scatter_(1, top[:, start:], True)
+    top_sim, top = sim.topk(end, dim=1, sorted=False)  # B x end
+    keep = torch.zeros_like(sim, dtype=torch.bool).scatter_(1, top, True)
+    if start > 0:
+        head = top.gather(1, top_sim.topk(start, dim=1, sorted=False).indices)  # B x start
+        keep.scatter_(1, head, False)
     if exclude is not None:
         keep &= ~exclude
     return keep.to(sim.dtype)
