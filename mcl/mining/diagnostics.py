@@ -11,12 +11,6 @@ import torch
 from mcl.mining.base import MiningContext, NegativeSelection, PositiveSelection, mined_mask
 
 
-def share(hits: torch.Tensor, among: torch.Tensor) -> torch.Tensor | None:
-    """hits / among over all elements (bool tensors), or None when `among` is empty."""
-    count = among.sum()
-    return (hits & among).sum() / count if count > 0 else None
-
-
 @torch.no_grad()
 def mining_diagnostics(
     ctx: MiningContext, pos: PositiveSelection, neg: NegativeSelection, query_labels: torch.Tensor, bank_labels: torch.Tensor
@@ -36,13 +30,15 @@ def mining_diagnostics(
     sim = ctx.bank_sim.detach().float()  # B x K
     same = query_labels[:, None] == bank_labels[None, :]  # B x K
     labelled = (query_labels[:, None] >= 0) & (bank_labels[None, :] >= 0)  # B x K
-    out: dict[str, torch.Tensor | None] = {}
+    out: dict[str, torch.Tensor] = {}
+    ratios: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> (sum, count): defined where count > 0
 
     mined_kept = pos.weight > 0  # B x m
     if mined_kept.shape[1] > 0:
         mined_labels = bank_labels[pos.index]  # B x m
         out["pos_kept"] = mined_kept.sum(dim=1).float().mean()
-        out["pos_purity"] = share(mined_labels == query_labels[:, None], mined_kept & (mined_labels >= 0) & (query_labels[:, None] >= 0))
+        among = mined_kept & (mined_labels >= 0) & (query_labels[:, None] >= 0)
+        ratios["pos_purity"] = ((mined_labels == query_labels[:, None]) & among).sum(), among.sum()
 
     positive = mined_mask(pos, same.shape[1])  # B x K: mined entries with target mass are positives, not negatives
     positive = torch.zeros_like(same) if positive is None else positive
@@ -50,10 +46,14 @@ def mining_diagnostics(
     kept = (torch.ones_like(same) if neg.weight is None else neg.weight > 0) & ~positive  # B x K
     dropped = ~kept & ~positive & ~own
     out["neg_kept"] = kept.sum(dim=1).float().mean()
-    out["neg_fn_kept"] = share(same, kept & labelled)
-    out["neg_fn_dropped"] = share(same, dropped & labelled)
+    for name, among in (("neg_fn_kept", kept & labelled), ("neg_fn_dropped", dropped & labelled)):
+        ratios[name] = (same & among).sum(), among.sum()
     prob = torch.softmax((sim / ctx.temperature).masked_fill(own, float("-inf")), dim=1)  # B x K, rows sum to 1
     out["neg_grad_share_kept"] = (prob * kept).sum(dim=1).mean()
-    out["neg_sim_kept"] = sim[kept].mean() if kept.any() else None
-    out["neg_sim_dropped"] = sim[dropped].mean() if dropped.any() else None
-    return {k: v for k, v in out.items() if v is not None}
+    ratios["neg_sim_kept"] = (sim * kept).sum(), kept.sum()  # masked sums: no boolean indexing
+    ratios["neg_sim_dropped"] = (sim * dropped).sum(), dropped.sum()
+    counts = torch.stack([count for _, count in ratios.values()]).tolist()  # one host read for every ratio
+    for (name, (total, count)), n in zip(ratios.items(), counts):
+        if n > 0:
+            out[name] = total / count
+    return out
