@@ -12,6 +12,7 @@ import torch
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
+from mcl.mining.diagnostics import mining_diagnostics
 from mcl.train import CONF_DIR, build
 
 SMALL = ["debug=tiny", "logger=none", "callbacks=none", "dataset=digits", "trainer.max_epochs=1", "trainer.limit_train_batches=2"]
@@ -53,6 +54,7 @@ def test_mining_step_has_no_python_loop_over_the_batch_and_never_copies_the_bank
     _, model, _ = build(cfg_factory([*SMALL, "model.queue_size=1024"]))
     bank = model.bank
     bank.num_written.fill_(bank.size)  # warm-up over: every strategy mines
+    assert bank.is_full  # read (and remembered) here, not inside the counted calls
     bank.indices.copy_(torch.arange(bank.size) % 97)
     bank.labels.copy_(torch.arange(bank.size) % 10)
     node = {(side, name): cfg_factory([*SMALL, f"mining.{side}={name}"]).mining[side] for side in SIDES for name in strategies(side)}
@@ -83,6 +85,48 @@ def test_the_counter_sees_a_loop_over_the_batch():
     with CountCalls(bank) as mode:
         bank.clone()
     assert mode.bank_sized == ["clone -> (64, 8)"]
+
+
+class HostReads(TorchFunctionMode):
+    """Records the calls that make the host wait for the device: values read into Python, data-dependent shapes."""
+
+    READS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu", "numpy"}
+
+    def __init__(self):
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", str(func))
+        index = args[1] if name == "__getitem__" else ()
+        masks = [i for i in (index if isinstance(index, tuple) else (index,)) if isinstance(i, torch.Tensor) and i.dtype == torch.bool]
+        if name in self.READS or masks:
+            self.reads.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_mining_step_reads_the_device_once_per_direction(cfg_factory):
+    """Every pair of strategies: a loss direction, its diagnostics, the backward and the enqueue wait for
+    the device once (the diagnostics' counts, read together): a GPU step is not held up by host reads."""
+    _, model, _ = build(cfg_factory([*SMALL, "model.queue_size=1024"]))
+    bank = model.bank
+    bank.enqueue(F.normalize(torch.randn(1024, 128), dim=1), torch.arange(1024) % 97, torch.arange(1024) % 10)
+    assert bank.is_full  # read once, before the step
+    node = {(side, name): cfg_factory([*SMALL, f"mining.{side}={name}"]).mining[side] for side in SIDES for name in strategies(side)}
+    for positive in strategies("positive"):
+        for negative in strategies("negative"):
+            model.positive = hydra.utils.instantiate(node["positive", positive])
+            model.negative = hydra.utils.instantiate(node["negative", negative])
+            q, k = (F.normalize(torch.randn(8, 128), dim=1) for _ in range(2))
+            with HostReads() as mode:
+                loss, ctx, pos, neg = model.contrast(q.requires_grad_(True), k, torch.arange(8) % 97)
+                mining_diagnostics(ctx, pos, neg, torch.arange(8) % 10, bank.labels)
+                loss.backward()
+                bank.enqueue(k.repeat(2, 1), torch.arange(16), torch.arange(16))
+            assert mode.reads == ["tolist"], f"{positive}+{negative}: {mode.reads}"
+    with HostReads() as mode:  # the census can fail
+        bool(bank.keys.any()), bank.keys[bank.labels > 0], int(bank.ptr)
+    assert mode.reads == ["__bool__", "__getitem__", "__int__"]
 
 
 def fit_with_probe(cfg_factory, overrides: list[str], probe: bool = True):
