@@ -64,7 +64,35 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"mining.negative.{name} must be one of {choices}, got {value!r}")
 
 
-class GradientBandNegatives:
+class RankBand:
+    """Shared by `gradient` and `ring`: keep the descending ranks [start, end) of `ranking(ctx)`,
+    with the edges of `edges(K, progress)`; subclasses set exclude_self and warmup."""
+
+    exclude_self: bool
+    warmup: bool
+
+    def edges(self, bank_size: int, progress: float) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def ranking(self, ctx: MiningContext) -> torch.Tensor:
+        raise NotImplementedError
+
+    def check_keeps_some(self, kind: str, bank_size: int, knobs: str) -> None:
+        """Raise ValueError if the band is empty at the start or the end of training."""
+        for progress in (0.0, 1.0):
+            lo, hi = self.edges(bank_size, progress)
+            if hi - lo < 1:
+                raise ValueError(f"mining.negative {kind} [{lo}, {hi}) keeps zero negatives of {bank_size} candidates ({knobs})")
+
+    def __call__(self, ctx: MiningContext) -> NegativeSelection:
+        if self.warmup and not ctx.bank_full:
+            return keep_all(ctx, self.exclude_self)
+        start, end = self.edges(ctx.bank_sim.shape[1], ctx.progress)
+        exclude = ctx.self_mask if self.exclude_self else None
+        return NegativeSelection(weight=rank_band(self.ranking(ctx), start, end, exclude))
+
+
+class GradientBandNegatives(RankBand):
     """`mining.negative=gradient` (the paper's): keep the negatives neither too hard nor too easy.
 
     Rank the K bank entries of query i by similarity to its positive k_i (rank_by=key; or to
@@ -121,23 +149,14 @@ class GradientBandNegatives:
                     f"mining.negative band edges at the {when} of training must satisfy 0 <= start < end <= {limit} "
                     f"(unit={self.unit}, {bank_size} candidates), got start={a}, end={b}"
                 )
-        for progress in (0.0, 1.0):
-            lo, hi = self.edges(bank_size, progress)
-            if hi - lo < 1:
-                raise ValueError(
-                    f"mining.negative band [{lo}, {hi}) keeps zero negatives of {bank_size} candidates "
-                    f"(start={self.start}, end={self.end}, final_start={self.final_start}, final_end={self.final_end})"
-                )
+        knobs = f"start={self.start}, end={self.end}, final_start={self.final_start}, final_end={self.final_end}"
+        self.check_keeps_some("band", bank_size, knobs)
 
-    def __call__(self, ctx: MiningContext) -> NegativeSelection:
-        if self.warmup and not ctx.bank_full:
-            return keep_all(ctx, self.exclude_self)
-        start, end = self.edges(ctx.bank_sim.shape[1], ctx.progress)
-        exclude = ctx.self_mask if self.exclude_self else None
-        return NegativeSelection(weight=rank_band(reference_sim(ctx, self.rank_by), start, end, exclude))
+    def ranking(self, ctx: MiningContext) -> torch.Tensor:
+        return reference_sim(ctx, self.rank_by)
 
 
-class RingNegatives:
+class RingNegatives(RankBand):
     """`mining.negative=ring` (Wu et al. 2021, MoCo-Ring): a percentile ring around the query.
 
     Sort the bank by similarity to the query, most similar first; the outer ball is the top
@@ -164,20 +183,10 @@ class RingNegatives:
                 raise ValueError(f"mining.negative.{name} must lie in (0, 1], got {value}")
         if not 0 <= self.inner < 1:
             raise ValueError(f"mining.negative.inner must lie in [0, 1), got {self.inner}")
-        for progress in (0.0, 1.0):
-            lo, hi = self.edges(bank_size, progress)
-            if hi - lo < 1:
-                raise ValueError(
-                    f"mining.negative ring [{lo}, {hi}) keeps zero negatives of {bank_size} candidates "
-                    f"(outer={self.outer}, inner={self.inner}, initial_outer={self.initial_outer})"
-                )
+        self.check_keeps_some("ring", bank_size, f"outer={self.outer}, inner={self.inner}, initial_outer={self.initial_outer}")
 
-    def __call__(self, ctx: MiningContext) -> NegativeSelection:
-        if self.warmup and not ctx.bank_full:
-            return keep_all(ctx, self.exclude_self)
-        start, end = self.edges(ctx.bank_sim.shape[1], ctx.progress)
-        exclude = ctx.self_mask if self.exclude_self else None
-        return NegativeSelection(weight=rank_band(ctx.bank_sim.detach(), start, end, exclude))
+    def ranking(self, ctx: MiningContext) -> torch.Tensor:
+        return ctx.bank_sim.detach()  # similarity to the query
 
 
 class FalseNegativeElimination:
