@@ -20,6 +20,16 @@ from mcl.train import CONF_DIR
 REPO = Path(__file__).resolve().parent.parent
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 TINY = ["debug=tiny", "logger=none", "dataset=digits"]
+# CPU-sized runs through the CLI: a width-8 ResNet-18 on 16 x 16 digits, 16 images a step, bank 128
+MICRO = [
+    "debug=tiny",
+    "dataset=digits",
+    "dataset.image_size=16",
+    "backbone.width=8",
+    "data.batch_size=16",
+    "data.eval_batch_size=128",
+    "model.queue_size=128",
+]
 
 
 def make_cfg(overrides: list[str], output_dir: Path) -> DictConfig:

@@ -37,14 +37,6 @@ def colour_classes(n: int, size: int = 32, num_classes: int = 4, seed: int = 0) 
     return np.clip(x, 0, 255).astype(np.uint8), y.astype(np.int64)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """last.ckpt of a width-64 ResNet-18 (torchvision's width) pre-trained 2 steps on 4 colour classes."""

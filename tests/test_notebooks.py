@@ -6,17 +6,11 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from conftest import REPO, run_cli
+from conftest import MICRO, REPO, run_cli
 from nbclient import NotebookClient
 
 SMALL = [
-    "debug=tiny",
-    "dataset=digits",
-    "dataset.image_size=16",
-    "backbone.width=8",
-    "data.batch_size=16",
-    "data.eval_batch_size=128",
-    "model.queue_size=128",
+    *MICRO,
     "trainer.limit_train_batches=4",
     "trainer.limit_val_batches=1",
 ]

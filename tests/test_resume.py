@@ -66,15 +66,6 @@ KEEP_ALL = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine this runs ~3x faster than two (and CLI children get OMP_NUM_THREADS=1)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def run(out: Path, *overrides: str) -> dict:
     return train(make_cfg([*RUN, *overrides], out))
 

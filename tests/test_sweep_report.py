@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import REPO, run_cli
+from conftest import MICRO, REPO, run_cli
 from hydra import compose, initialize_config_dir
 
 from mcl.report import expand_grid, expected_jobs, main, write_report
@@ -18,13 +18,7 @@ from mcl.train import CONF_DIR
 
 # CPU-sized jobs: width-8 ResNet-18 on 16 x 16 digits, 2 steps of 16 images an epoch, one eval batch, no checkpoints.
 SMALL = [
-    "debug=tiny",
-    "dataset=digits",
-    "dataset.image_size=16",
-    "backbone.width=8",
-    "data.batch_size=16",
-    "data.eval_batch_size=128",
-    "model.queue_size=128",
+    *MICRO,
     "trainer.limit_train_batches=2",
     "trainer.limit_val_batches=1",
     "callbacks=none",

@@ -13,15 +13,6 @@ from mcl.train import build
 SMALL = ["debug=tiny", "dataset=digits", "dataset.image_size=16", "backbone.width=8", "data.batch_size=16", "model.queue_size=128"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors on 2 shared cores: one thread avoids oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_panel_shows_what_the_strategies_picked(tmp_path):
     """nn positives and fn_elimination negatives, on a full bank of real training keys."""
     threshold = 0.3
