@@ -14,7 +14,7 @@ import lightning as L
 import pytest
 import torch
 from conftest import make_cfg, run_cli
-from test_resume import RUN, assert_same_training_state, load, one_thread, run, uninterrupted  # noqa: F401 (fixture)
+from test_resume import RUN, assert_same_training_state, load, run, uninterrupted
 
 import mcl.reliability
 from mcl.reliability import AtomicCheckpointIO, CheckpointError, NonFiniteLossError, read_checkpoint
