@@ -178,7 +178,6 @@ class MCLModule(L.LightningModule):
             key=k,
             bank_keys=c.keys,
             bank_sim=q @ c.keys.T,  # B x K
-            key_bank_sim=(k @ c.keys.T).detach(),
             bank_index=c.index,
             batch_index=index,
             temperature=self.cfg_model["temperature"],

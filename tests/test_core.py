@@ -54,7 +54,7 @@ def test_module_loss_with_no_mining_equals_reference_moco_v2(cfg_factory):
 
 def test_all_negatives_drops_the_query_own_image_from_the_bank():
     q, k, bank = unit(3, 8, seed=1), unit(3, 8, seed=2), unit(6, 8, seed=3)
-    ctx = MiningContext(q, k, bank, q @ bank.T, k @ bank.T, torch.tensor([5, 0, 9, 1, 2, 0]), torch.tensor([0, 1, 2]), 0.2)
+    ctx = MiningContext(q, k, bank, q @ bank.T, torch.tensor([5, 0, 9, 1, 2, 0]), torch.tensor([0, 1, 2]), 0.2)
     weight = AllNegatives()(ctx).weight
     assert weight.tolist() == [[1, 0, 1, 1, 1, 0], [1, 1, 1, 0, 1, 1], [1, 1, 1, 1, 0, 1]]
     assert AllNegatives(exclude_self=False)(ctx).weight is None

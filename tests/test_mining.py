@@ -34,7 +34,7 @@ def unit(*shape: int, seed: int = 0) -> torch.Tensor:
 def context(q, k, bank, bank_index=None, batch_index=None, tau=0.2, bank_full=True, progress=0.0) -> MiningContext:
     bank_index = torch.arange(1000, 1000 + bank.shape[0]) if bank_index is None else bank_index
     batch_index = torch.arange(q.shape[0]) if batch_index is None else batch_index
-    return MiningContext(q, k, bank, q @ bank.T, k @ bank.T, bank_index, batch_index, tau, bank_full, progress)
+    return MiningContext(q, k, bank, q @ bank.T, bank_index, batch_index, tau, bank_full, progress)
 
 
 @functools.cache

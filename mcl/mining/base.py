@@ -7,6 +7,7 @@ A strategy is a small callable chosen by Hydra `_target_` from `conf/mining.posi
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +21,8 @@ class MiningContext:
     key:         B x D, L2-normalised keys of the other view (no gradient): the augmented positive.
     bank_keys:   K x D, the bank as it was *before* this step's enqueue.
     bank_sim:    B x K, query @ bank_keys.T (carries gradient; the negatives' logits * tau).
-    key_bank_sim: B x K, key @ bank_keys.T (no gradient).
+    key_bank_sim: B x K, key @ bank_keys.T (no gradient), computed on first use: `none`, `all`,
+                 `ring` and `hard`/`debiased` never read it.
     bank_index:  K, dataset index of each bank key (-1: not written yet).
     batch_index: B, dataset index of each query.
     temperature: InfoNCE temperature tau.
@@ -34,13 +36,16 @@ class MiningContext:
     key: torch.Tensor
     bank_keys: torch.Tensor
     bank_sim: torch.Tensor
-    key_bank_sim: torch.Tensor
     bank_index: torch.Tensor
     batch_index: torch.Tensor
     temperature: float
     bank_full: bool = True
     progress: float = 0.0
     positive: torch.Tensor | None = None
+
+    @functools.cached_property
+    def key_bank_sim(self) -> torch.Tensor:
+        return (self.key @ self.bank_keys.T).detach()
 
     @property
     def self_mask(self) -> torch.Tensor:
