@@ -197,7 +197,7 @@ class MCLModule(L.LightningModule):
         targets = build_targets(pos, bank_keys.shape[0], logits)
         log_weight = None
         if neg.weight is not None:
-            weight = neg.weight if targets is None else torch.where(targets[:, 1:] > 0, 1.0, neg.weight)  # mined positives stay in Z
+            weight = neg.weight if ctx.positive is None else neg.weight.masked_fill(ctx.positive, 1.0)  # mined positives stay in Z
             log_weight = F.pad(weight.log(), (1, 0))  # B x (1+K), 0 for the augmented positive
         loss = weighted_infonce(logits, targets, log_weight, neg.log_mass)
         return loss, ctx, pos, neg

@@ -28,6 +28,11 @@ def plain(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
+def callback_targets(cfg: DictConfig) -> list[str]:
+    """The `_target_` of every configured callback."""
+    return [str(c.get("_target_", "")) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+
+
 def check_config(cfg: DictConfig, world_size: int) -> None:
     """Reject configurations that would fail or silently misbehave later."""
     for side in ("positive", "negative"):
@@ -38,7 +43,7 @@ def check_config(cfg: DictConfig, world_size: int) -> None:
                 f"got {node!r}; set knobs with mining.{side}.<knob>=value"
             )
     if cfg.model.candidates == "batch":
-        if any(str(c.get("_target_", "")).endswith("MiningPanel") for c in (cfg.get("callbacks") or {}).values() if c is not None):
+        if any(t.endswith("MiningPanel") for t in callback_targets(cfg)):
             raise ConfigError(
                 "callbacks.mining_panel draws the bank's neighbours, and model.candidates=batch has no bank: "
                 "remove it with ~callbacks.mining_panel (experiment=simclr does)"
@@ -85,7 +90,7 @@ def check_ranges(cfg: DictConfig) -> None:
 
 def check_resume_and_callbacks(cfg: DictConfig) -> None:
     """Resuming needs checkpoints, and one source of them."""
-    targets = [str(c.get("_target_", "")) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    targets = callback_targets(cfg)
     if cfg.ckpt_path is not None and cfg.auto_resume:
         raise ConfigError(f"set either ckpt_path (got {cfg.ckpt_path}) or auto_resume=true, not both")
     if cfg.auto_resume and not any(t.endswith("ModelCheckpoint") for t in targets):

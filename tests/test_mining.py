@@ -21,7 +21,7 @@ from mcl.mining.base import MiningContext, NegativeSelection, PositiveSelection,
 from mcl.mining.diagnostics import mining_diagnostics
 from mcl.mining.negative import DebiasedNegatives, GradientBandNegatives, RingNegatives, rank_band
 from mcl.module import MCLModule, build_targets
-from mcl.train import build, plain, train
+from mcl.train import build, build_module, train
 
 POSITIVES = ["none", "nn", "soft", "hard", "soft_hard"]
 NEGATIVES = ["all", "gradient", "ring", "fn_elimination", "hard", "debiased"]
@@ -49,9 +49,7 @@ def strategies(positive: str = "none", negative: str = "all", extra: tuple[str, 
 
 
 def make_module(tmp_path, overrides: list[str]) -> MCLModule:
-    cfg = make_cfg([*TINY, *overrides], tmp_path)
-    parts = {name: plain(cfg[name]) for name in ("backbone", "model", "mining", "optim", "monitor")}
-    return MCLModule(**parts, num_classes=10)
+    return build_module(make_cfg([*TINY, *overrides], tmp_path), num_classes=10)
 
 
 def fill_bank(module: MCLModule, seed: int = 1) -> None:
