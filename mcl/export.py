@@ -3,9 +3,11 @@
 `mcl.models.WidthResNet` is torchvision's ResNet with torchvision's parameter names and an
 Identity classifier, so the file (tensors only, `torch.load(FILE, weights_only=True)`) loads
 with strict key matching into `torchvision.models.resnet18()` / `resnet50()` whose `fc` is an
-Identity (and, for the CIFAR stem, whose conv1 is 3x3 stride 1 and maxpool an Identity). The
-export prints those lines. torchvision builds width 64 only; another width loads into
-`WidthResNet(arch, width, cifar_stem)`.
+Identity (and, for the CIFAR stem, whose conv1 is 3x3 stride 1, and maxpool an Identity unless
+the dataset keeps it: TinyImageNet, STL-10). The export prints those lines. torchvision builds
+width 64 only; another width loads into
+`WidthResNet(arch, width, cifar_stem, maxpool)`. SplitBatchNorm (model.bn_splits) is a BatchNorm2d
+with the same parameters and buffers: nothing of it shows in the file.
 """
 
 from __future__ import annotations
@@ -35,16 +37,20 @@ def backbone_state_dict(module: MCLModule, encoder: str = "query") -> dict[str, 
 def torchvision_recipe(backbone: dict, out: str) -> str:
     """Python lines that rebuild the exported backbone without mcl."""
     arch, width, cifar_stem = backbone["arch"], backbone["width"], backbone["cifar_stem"]
+    maxpool = backbone.get("maxpool")
+    maxpool = not cifar_stem if maxpool is None else maxpool  # checkpoints written before the knob: as the stem
     if width != 64:
         return (
             f"# width {width}: torchvision's constructors build width 64 only; load it into mcl's ResNet:\n"
             f"from mcl.models import WidthResNet\n"
-            f"model = WidthResNet({arch!r}, width={width}, cifar_stem={cifar_stem})\n"
+            f"model = WidthResNet({arch!r}, width={width}, cifar_stem={cifar_stem}, maxpool={maxpool})\n"
             f"model.load_state_dict(torch.load({out!r}, weights_only=True))"
         )
     lines = ["import torch, torchvision", f"model = torchvision.models.{arch}()"]
     if cifar_stem:
-        lines.append("model.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False); model.maxpool = torch.nn.Identity()  # CIFAR stem")
+        lines.append("model.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)  # CIFAR stem conv")
+    if not maxpool:
+        lines.append("model.maxpool = torch.nn.Identity()  # no max-pool after the stem")
     lines += [
         "model.fc = torch.nn.Identity()  # features; put your classifier here",
         f"model.load_state_dict(torch.load({out!r}, weights_only=True))",

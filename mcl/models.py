@@ -15,11 +15,14 @@ BLOCKS = {"resnet18": (BasicBlock, [2, 2, 2, 2]), "resnet50": (Bottleneck, [3, 4
 class WidthResNet(ResNet):
     """torchvision ResNet whose stage widths are `width * (1, 2, 4, 8)` (64 is the standard).
 
-    cifar_stem: 3x3 stride-1 first conv and no max-pool, for 32x32-64x64 images.
+    cifar_stem: 3x3 stride-1 first conv (instead of 7x7 stride 2), for 32x32-96x96 images.
+    maxpool: keep the stem's max-pool; None: as torchvision's stem goes (kept with the 7x7 conv,
+    dropped with the CIFAR one), which is what checkpoints written before the knob hold. The lab
+    keeps it on TinyImageNet and STL-10 behind the 3x3 conv (conf/dataset/*: stem_maxpool).
     The classifier `fc` is an Identity: `forward` returns pooled features (B x out_dim).
     """
 
-    def __init__(self, arch: str = "resnet18", width: int = 64, cifar_stem: bool = True):
+    def __init__(self, arch: str = "resnet18", width: int = 64, cifar_stem: bool = True, maxpool: bool | None = None):
         if arch not in BLOCKS:
             raise ValueError(f"backbone.arch={arch!r} is unknown; choose one of {sorted(BLOCKS)}")
         if isinstance(width, bool) or not isinstance(width, int) or width < 1:
@@ -31,10 +34,10 @@ class WidthResNet(ResNet):
         self.inplanes = width
         if cifar_stem:
             self.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
-            self.maxpool = nn.Identity()
         else:
             self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
-            self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        keep_pool = not cifar_stem if maxpool is None else maxpool
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1) if keep_pool else nn.Identity()
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
         self.layer1 = self._make_layer(block, width, layers[0])
@@ -49,13 +52,19 @@ class WidthResNet(ResNet):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
 
-def mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int, last_bn: bool = True) -> nn.Sequential:
-    """Linear-BN-ReLU blocks, then a last Linear (+ BN without affine, as in MoCo v3)."""
+def mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int, last_bn: bool = True, bn: bool = True) -> nn.Sequential:
+    """Linear-BN-ReLU blocks, then a last Linear (+ BN without affine, as in MoCo v3).
+
+    bn=False: Linear-ReLU blocks and a last Linear, every Linear with a bias (MoCo v2's head:
+    2 layers, 2048 hidden, no batch norm); last_bn is then ignored.
+    """
     layers: list[nn.Module] = []
     dim = in_dim
     for _ in range(num_layers - 1):
-        layers += [nn.Linear(dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
+        norm = [nn.BatchNorm1d(hidden_dim)] if bn else []
+        layers += [nn.Linear(dim, hidden_dim, bias=not bn), *norm, nn.ReLU(inplace=True)]
         dim = hidden_dim
+    last_bn = last_bn and bn
     layers.append(nn.Linear(dim, out_dim, bias=not last_bn))
     if last_bn:
         layers.append(nn.BatchNorm1d(out_dim, affine=False))

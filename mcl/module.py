@@ -5,17 +5,24 @@ Symmetric MoCo v2 with pluggable mining. Per direction (query view a, key view b
     targets from the positive strategy, weights from the negative strategy,
     loss = weighted_infonce(logits, targets, log(weights))       (mcl.loss)
 The candidates (where mined positives and negatives come from) are, with `model.candidates`:
-    bank   the memory bank of EMA keys (MoCo). Both keys of all ranks are gathered and enqueued
-           after the backward pass: the bank read in a step never contains that step's keys.
+    bank   the memory bank of EMA keys (MoCo). As the lab's MoCo, only the keys of one direction
+           (view 2's, the keys of q1 -> k2) of all ranks are gathered and enqueued, after the
+           backward pass: each image has one key in the bank, and the bank read in a step never
+           contains that step's keys.
     batch  both views' projections of the global batch, with gradient, one encoder, no bank
            (SimCLR's NT-Xent: the query's own two views are excluded as its own image).
+Batch norm (mcl.batchnorm): the views go through the encoders as separate batches, every backbone
+BN normalises `model.bn_splits` groups apart, and the key batch is shuffled across the global
+batch before the key encoder (`model.shuffle_bn`): a query and its key never share BN statistics.
+The loss (similarities, logits, mining) runs in float32 under mixed precision.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import hydra
@@ -26,6 +33,7 @@ from torch.nn import functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
 from mcl.bank import MemoryBank
+from mcl.batchnorm import encode_views, shuffled, split_batchnorm
 from mcl.loss import weighted_infonce
 from mcl.mining.base import MiningContext, NegativeSelection, PositiveSelection, select
 from mcl.mining.diagnostics import mining_diagnostics
@@ -76,8 +84,11 @@ class MCLModule(L.LightningModule):
     """All arguments are plain dicts from the Hydra config (saved in checkpoints as is).
 
     backbone: kwargs with `_target_` (conf/backbone/); mining: {"positive": ..., "negative": ...}
-    with `_target_` each; model: heads, bank, temperature, EMA; optim: SGD + warm-up/cosine;
-    monitor: kNN and linear-probe settings; num_classes: for the monitors only.
+    with `_target_` each; model: heads, bank, temperature, EMA, batch norm (conf/train.yaml
+    lists every knob and its default); optim: SGD + warm-up/cosine; monitor: kNN and
+    linear-probe settings; num_classes: for the monitors only. Checkpoints written before
+    model.bn_splits / shuffle_bn / proj_bn load with the behaviour they were trained with
+    (one BN batch of both views, a BN head).
     """
 
     def __init__(
@@ -92,9 +103,11 @@ class MCLModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.cfg_model, self.cfg_optim, self.cfg_monitor = model, optim, monitor
-        self.backbone = hydra.utils.instantiate(backbone)
+        self.bn_splits = model.get("bn_splits", 1)
+        self.separate_views = self.bn_splits > 1 or model.get("shuffle_bn", False)  # False: the old one-batch shortcut
+        self.backbone = split_batchnorm(hydra.utils.instantiate(backbone), self.bn_splits)
         dim = self.backbone.out_dim
-        self.projector = mlp(dim, model["proj_hidden"], model["proj_out"], model["proj_layers"])
+        self.projector = mlp(dim, model["proj_hidden"], model["proj_out"], model["proj_layers"], bn=model.get("proj_bn", True))
         self.predictor = (
             mlp(model["proj_out"], model["pred_hidden"], model["proj_out"], 2, last_bn=False) if model["predictor"] else nn.Identity()
         )
@@ -102,6 +115,7 @@ class MCLModule(L.LightningModule):
         if candidates not in ("bank", "batch"):
             raise ValueError(f"model.candidates must be 'bank' (MoCo) or 'batch' (SimCLR), got {candidates!r}")
         self.in_batch = candidates == "batch"
+        self.shuffle_bn = model.get("shuffle_bn", False) and not self.in_batch  # in-batch: no key encoder to shuffle for
         self.key_backbone = None if self.in_batch else copy.deepcopy(self.backbone).requires_grad_(False)
         self.key_projector = None if self.in_batch else copy.deepcopy(self.projector).requires_grad_(False)
         self.bank = None if self.in_batch else MemoryBank(model["queue_size"], model["proj_out"])
@@ -115,6 +129,7 @@ class MCLModule(L.LightningModule):
         self._eval_feats: list[list[torch.Tensor]] = [[], []]
         self._eval_labels: list[list[torch.Tensor]] = [[], []]
         self._pending: tuple[torch.Tensor, ...] | None = None  # keys to enqueue after backward
+        self._ema_step = -1  # the optimizer step the key encoder was last moved at
         if model["channels_last"]:
             self.to(memory_format=torch.channels_last)
         if model["compile"]:  # in place: parameter names, checkpoints and the EMA update stay as they are
@@ -130,6 +145,14 @@ class MCLModule(L.LightningModule):
             except ValueError as err:
                 raise ValueError(f"{source}: {err}") from None
 
+    @property
+    def world_size(self) -> int:
+        return self.trainer.world_size if self._trainer is not None else 1
+
+    def gather(self, t: torch.Tensor, sync_grads: bool = False) -> torch.Tensor:
+        """B x ... of every rank, concatenated in rank order: (world_size*B) x ... (t itself on one device)."""
+        return t if self.world_size == 1 else self.all_gather(t, sync_grads=sync_grads).flatten(0, 1)
+
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.in_batch:
             n = 2 * self.trainer.datamodule.batch_size * self.trainer.world_size
@@ -143,13 +166,36 @@ class MCLModule(L.LightningModule):
         """Backbone features (B x out_dim), what evaluation and export use."""
         return self.backbone(self._images(x))
 
+    def encode(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """Backbone features of view 1 (B x out_dim), queries [q1, q2] and keys [k1, k2] (B x D each, normalised).
+
+        Each view is its own batch for each encoder (unless bn_splits=1 and shuffle_bn=false); the
+        key encoder sees a shuffled slice of the global batch when shuffle_bn is on.
+        """
+        views = [self._images(x1), self._images(x2)]
+        features = encode_views(self.backbone, views, self.separate_views)  # [B x out_dim] x 2
+        z = encode_views(self.projector, features, self.separate_views)  # [B x D] x 2
+        queries = [F.normalize(self.predictor(t), dim=1) for t in z]
+        if self.in_batch:  # one encoder: the keys are the online projections, with gradient
+            return features[0], queries, [F.normalize(t, dim=1) for t in z]
+        with torch.no_grad():
+            key_encoder = lambda x: self.key_projector(self.key_backbone(x))  # noqa: E731
+            if self.shuffle_bn:
+                broadcast = self.trainer.strategy.broadcast if self.world_size > 1 else lambda t: t
+                key_encoder = functools.partial(shuffled, key_encoder, gather=self.gather, broadcast=broadcast, rank=self.global_rank)
+            keys = [F.normalize(t, dim=1) for t in encode_views(key_encoder, views, self.separate_views)]
+        return features[0], queries, keys
+
     @torch.no_grad()
-    def _update_key_encoder(self, m: float) -> None:
-        if self.in_batch:
+    def _update_key_encoder(self) -> None:
+        """EMA of the key encoder's parameters, once per optimizer step (at its first micro-batch, before the
+        keys are encoded, as the lab's MoCo). Its batch-norm statistics are its own, from its own forwards."""
+        if self.in_batch or self._ema_step == self.global_step:
             return
+        self._ema_step = self.global_step
+        m = momentum_at(self.cfg_model["momentum"], self.progress, self.cfg_model["momentum_schedule"])
         for online, key in ((self.backbone, self.key_backbone), (self.projector, self.key_projector)):
             torch._foreach_lerp_(list(key.parameters()), list(online.parameters()), 1.0 - m)
-            torch._foreach_copy_(list(key.buffers()), list(online.buffers()))  # batch-norm statistics
 
     @property
     def progress(self) -> float:
@@ -164,10 +210,8 @@ class MCLModule(L.LightningModule):
 
     def batch_candidates(self, keys: torch.Tensor, index: torch.Tensor, labels: torch.Tensor) -> Candidates:
         """model.candidates=batch: this step's keys (2B x D, with gradient) of every rank, in rank order."""
-        if self._trainer is not None and self.trainer.world_size > 1:
-            keys = self.all_gather(keys, sync_grads=True).flatten(0, 1)  # gradient flows back to each rank's own keys
-            index, labels = (t.flatten(0, 1) for t in self.all_gather((index, labels)))
-        return Candidates(keys, index, labels)
+        keys = self.gather(keys, sync_grads=True)  # gradient flows back to each rank's own keys
+        return Candidates(keys, self.gather(index), self.gather(labels))
 
     def mining_context(self, q: torch.Tensor, k: torch.Tensor, index: torch.Tensor, candidates: Candidates | None = None) -> MiningContext:
         """What the mining strategies see: q, k B x D normalised, index B dataset indices; candidates: the
@@ -188,18 +232,25 @@ class MCLModule(L.LightningModule):
     def contrast(
         self, q: torch.Tensor, k: torch.Tensor, index: torch.Tensor, candidates: Candidates | None = None
     ) -> tuple[torch.Tensor, MiningContext, PositiveSelection, NegativeSelection]:
-        """One direction of the loss. q, k: B x D normalised; index: B dataset indices; candidates: the bank when None."""
+        """One direction of the loss. q, k: B x D normalised; index: B dataset indices; candidates: the bank when None.
+
+        Runs in float32 under mixed precision: B x K similarities in bf16 would round the logits
+        (and the mining ranks) to 2-3 significant digits.
+        """
         tau = self.cfg_model["temperature"]
-        ctx = self.mining_context(q, k, index, candidates)
-        bank_keys, bank_sim = ctx.bank_keys, ctx.bank_sim  # K x D, B x K
-        pos, neg = select(ctx, self.positive, self.negative)
-        logits = torch.cat([(q * k).sum(1, keepdim=True), bank_sim], dim=1) / tau  # B x (1+K)
-        targets = build_targets(pos, bank_keys.shape[0], logits)
-        log_weight = None
-        if neg.weight is not None:
-            weight = neg.weight if ctx.positive is None else neg.weight.masked_fill(ctx.positive, 1.0)  # mined positives stay in Z
-            log_weight = F.pad(weight.log(), (1, 0))  # B x (1+K), 0 for the augmented positive
-        loss = weighted_infonce(logits, targets, log_weight, neg.log_mass)
+        with torch.autocast(q.device.type, enabled=False):
+            q, k = q.float(), k.float()
+            c = self.bank_candidates() if candidates is None else candidates
+            ctx = self.mining_context(q, k, index, replace(c, keys=c.keys.float()))
+            bank_keys, bank_sim = ctx.bank_keys, ctx.bank_sim  # K x D, B x K
+            pos, neg = select(ctx, self.positive, self.negative)
+            logits = torch.cat([(q * k).sum(1, keepdim=True), bank_sim], dim=1) / tau  # B x (1+K)
+            targets = build_targets(pos, bank_keys.shape[0], logits)
+            log_weight = None
+            if neg.weight is not None:
+                weight = neg.weight if ctx.positive is None else neg.weight.masked_fill(ctx.positive, 1.0)  # mined positives stay in Z
+                log_weight = F.pad(weight.log(), (1, 0))  # B x (1+K), 0 for the augmented positive
+            loss = weighted_infonce(logits, targets, log_weight, neg.log_mass)
         return loss, ctx, pos, neg
 
     def symmetric_loss(
@@ -216,23 +267,16 @@ class MCLModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x1, x2, index, labels = batch
-        b = x1.shape[0]
-        self._update_key_encoder(momentum_at(self.cfg_model["momentum"], self.progress, self.cfg_model["momentum_schedule"]))
-        features = self.backbone(self._images(torch.cat([x1, x2])))  # 2B x out_dim
-        z = self.projector(features)
-        q1, q2 = F.normalize(self.predictor(z), dim=1).split(b)  # B x D each
-        if self.in_batch:  # one encoder: the keys are the online projections, with gradient
-            k1, k2 = F.normalize(z, dim=1).split(b)
-        else:
-            with torch.no_grad():
-                k1, k2 = F.normalize(self.key_projector(self.key_backbone(self._images(torch.cat([x1, x2])))), dim=1).split(b)
+        self._update_key_encoder()
+        features1, (q1, q2), (k1, k2) = self.encode(x1, x2)  # B x out_dim; B x D each
         loss, candidates, mined12, mined21 = self.symmetric_loss(q1, q2, k1, k2, index, labels)
         self._log_mining(labels, candidates.labels, mined12, mined21)
-        probe_loss = F.cross_entropy(self.linear_probe(features[:b].detach()), labels, ignore_index=-1)
+        probe_loss = F.cross_entropy(self.linear_probe(features1.detach()), labels, ignore_index=-1)
         if not self.in_batch:
-            self._pending = (torch.cat([k1, k2]), torch.cat([index, index]), torch.cat([labels, labels]))
+            self._pending = (k2, index, labels)  # one key an image: view 2's, as the lab enqueues the keys of q1 -> k2
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        if self._trainer is not None:
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         self.log("train/linear_loss", probe_loss, sync_dist=True)
         return loss + probe_loss
 
@@ -242,7 +286,8 @@ class MCLModule(L.LightningModule):
         Labels are read here only. Logged from each rank's own batch without a collective: a
         diagnostic is absent in a step where it is undefined (e.g. purity before mining starts).
         """
-        stats = [mining_diagnostics(ctx, pos, neg, labels, candidate_labels) for ctx, pos, neg in directions]
+        with torch.autocast(labels.device.type, enabled=False):
+            stats = [mining_diagnostics(ctx, pos, neg, labels, candidate_labels) for ctx, pos, neg in directions]
         for name in stats[0].keys() & stats[1].keys():
             value = 0.5 * (stats[0][name] + stats[1][name])
             self.log(f"mining/{name}", value, on_step=True, on_epoch=True, batch_size=labels.shape[0])
@@ -258,9 +303,7 @@ class MCLModule(L.LightningModule):
         if self._pending is None:
             return
         (keys, index, labels), self._pending = self._pending, None
-        if self.trainer.world_size > 1:
-            keys, index, labels = (t.flatten(0, 1) for t in self.all_gather((keys, index, labels)))
-        self.bank.enqueue(keys, index, labels)
+        self.bank.enqueue(self.gather(keys), self.gather(index), self.gather(labels))  # (world_size*B) x D
 
     # --- monitors -----------------------------------------------------------------------
     def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -279,9 +322,7 @@ class MCLModule(L.LightningModule):
         self.val_linear_top1.reset()
         if feats[0] is None or feats[1] is None:
             return
-        if self.trainer.world_size > 1:
-            feats = [self.all_gather(f).flatten(0, 1) for f in feats]
-            labels = [self.all_gather(y).flatten(0, 1) for y in labels]
+        feats, labels = [self.gather(f) for f in feats], [self.gather(y) for y in labels]
         memory = labels[0] >= 0  # unlabelled images (STL-10) cannot vote
         scores = knn_predict(
             feats[1], feats[0][memory], labels[0][memory], self.num_classes, self.cfg_monitor["knn_k"], self.cfg_monitor["knn_t"]

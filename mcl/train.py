@@ -54,14 +54,32 @@ def check_config(cfg: DictConfig, world_size: int) -> None:
                     f"model.candidates=batch contrasts each query with its own two views too: "
                     f"mining.{side}.exclude_self must stay true, got false"
                 )
-    keys_per_step = 2 * cfg.data.batch_size * world_size
+    keys_per_step = cfg.data.batch_size * world_size
     if cfg.model.candidates == "bank" and cfg.model.queue_size % keys_per_step:
         raise ConfigError(
-            f"model.queue_size={cfg.model.queue_size} must be a multiple of the keys enqueued per step: "
-            f"2 views x data.batch_size={cfg.data.batch_size} x {world_size} device(s) = {keys_per_step}"
+            f"model.queue_size={cfg.model.queue_size} must be a multiple of the keys enqueued per step, one key an image: "
+            f"data.batch_size={cfg.data.batch_size} x {world_size} device(s) = {keys_per_step}"
         )
+    check_batchnorm(cfg)
     check_ranges(cfg)
     check_resume_and_callbacks(cfg)
+
+
+def check_batchnorm(cfg: DictConfig) -> None:
+    """SplitBatchNorm needs whole groups; SyncBN would undo both SplitBatchNorm and ShuffleBN."""
+    splits = cfg.model.bn_splits
+    if isinstance(splits, bool) or not isinstance(splits, int) or splits < 1:
+        raise ConfigError(f"model.bn_splits must be a positive integer (1: ordinary batch norm), got {splits!r}")
+    if cfg.data.batch_size % splits:
+        raise ConfigError(
+            f"data.batch_size={cfg.data.batch_size} (per device) must be a multiple of model.bn_splits={splits}: "
+            f"every backbone batch norm normalises {splits} equal groups; set model.bn_splits to a divisor of the batch size"
+        )
+    if cfg.trainer.get("sync_batchnorm") and (splits > 1 or cfg.model.shuffle_bn):
+        raise ConfigError(
+            "trainer.sync_batchnorm=true normalises the global batch at once, which undoes model.bn_splits and model.shuffle_bn "
+            "(MoCo uses no SyncBN): set trainer.sync_batchnorm=false, or model.bn_splits=1 model.shuffle_bn=false"
+        )
 
 
 def _number(name: str, value: Any) -> float:

@@ -1,0 +1,260 @@
+"""The lab's MoCo v2 protocol: one training step against the lab's formula, SplitBatchNorm and
+ShuffleBN, float32 similarities under bf16, the EMA and the key encoder's own BN statistics."""
+
+from __future__ import annotations
+
+import copy
+
+import lightning as L
+import pytest
+import torch
+import torchvision
+from conftest import make_cfg
+from torch import nn
+from torch.nn import functional as F
+
+from mcl.batchnorm import SplitBatchNorm, shuffled
+from mcl.module import MCLModule
+from mcl.train import ConfigError, build, build_module
+
+B = 16
+STEP = ["experiment=moco_v2", "logger=none", "callbacks=none", "dataset=digits", "dataset.image_size=16", "backbone.width=8"]
+STEP += [f"data.batch_size={B}", "data.num_workers=0", "model.queue_size=64", "model.proj_hidden=32", "trainer.accelerator=cpu"]
+
+
+def moco_module(tmp_path, *overrides: str) -> MCLModule:
+    torch.manual_seed(0)
+    return build_module(make_cfg([*STEP, *overrides], tmp_path), num_classes=10)
+
+
+def images(seed: int) -> torch.Tensor:
+    return torch.randn(B, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
+
+
+# --- the lab's MoCo v2, written out -------------------------------------------------------
+class LabSplitBN(nn.Module):
+    """The lab's SplitBatchNorm in training (network/base_model.py), as a loop over the groups:
+    group g holds images g, g + s, g + 2s, ...; each is normalised with its own batch statistics."""
+
+    def __init__(self, bn: nn.BatchNorm2d, splits: int):
+        super().__init__()
+        self.bn, self.splits = bn, splits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(x)
+        w, b = self.bn.weight[None, :, None, None], self.bn.bias[None, :, None, None]
+        for g in range(self.splits):
+            xg = x[g :: self.splits]
+            mean, var = xg.mean((0, 2, 3), keepdim=True), xg.var((0, 2, 3), unbiased=False, keepdim=True)
+            out[g :: self.splits] = (xg - mean) / torch.sqrt(var + self.bn.eps) * w + b
+        return out
+
+
+def lab_copy(net: nn.Module, splits: int) -> nn.Module:
+    """A copy of `net` whose batch norms are LabSplitBN: the same weights, the lab's normalisation."""
+    net = copy.deepcopy(net)
+    for name, child in list(net.named_modules()):
+        if isinstance(child, nn.BatchNorm2d):
+            parent = net.get_submodule(name.rsplit(".", 1)[0]) if "." in name else net
+            setattr(parent, name.rsplit(".", 1)[-1], LabSplitBN(child, splits))
+    return net
+
+
+def lab_moco_step(nets, im1, im2, perms, bank, own, tau):
+    """network/MoCo.py, --symmetric: 0.5 * (loss(q=im2, k=im1) + loss(q=im1, k=im2)); the key batch is
+    shuffled by perm before the key encoder and restored after; query and key views are separate forwards.
+    One difference, on purpose: mcl drops the bank entries of the query's own image from the negatives
+    (mining.negative.exclude_self=true); the lab keeps them. `own` (B x K) marks them and they get -inf.
+    Returns the loss and the keys of the im1 -> im2 direction (view 2's), the ones the lab enqueues."""
+    net, head, key_net, key_head = nets
+
+    def direction(im_q, im_k, perm):
+        z_q = head(net(im_q))  # B x D
+        with torch.no_grad():
+            z_k = key_head(key_net(im_k[perm]))[torch.argsort(perm)]  # B x D, back in the batch order
+        z_q, z_k, keys = F.normalize(z_q, dim=1), F.normalize(z_k, dim=1), F.normalize(bank, dim=1)
+        l_pos = torch.einsum("nc,nc->n", z_q, z_k)[:, None]  # B x 1
+        l_neg = torch.einsum("nc,kc->nk", z_q, keys).masked_fill(own, float("-inf"))  # B x K
+        logits = torch.cat([l_pos, l_neg], dim=1) / tau  # B x (1+K)
+        return F.cross_entropy(logits, torch.zeros(len(im_q), dtype=torch.long)), z_k
+
+    loss21, _ = direction(im2, im1, perms[0])
+    loss12, keys12 = direction(im1, im2, perms[1])
+    return 0.5 * (loss12 + loss21), keys12
+
+
+def test_moco_v2_step_equals_the_labs_moco(tmp_path, monkeypatch):
+    module = moco_module(tmp_path)
+    assert module.bn_splits == 8 and module.shuffle_bn and module.separate_views
+    assert not any(isinstance(m, nn.BatchNorm1d) for m in module.projector.modules())  # MoCo v2's head: no BN
+    bank = module.bank
+    bank.keys.copy_(F.normalize(torch.randn(64, 128, generator=torch.Generator().manual_seed(3)), dim=1))
+    bank.indices.copy_(torch.arange(64) + 1000)
+    index = torch.arange(B) + 10
+    bank.indices[[5, 40]] = index[3]  # two older keys of image 3 in the bank
+    own = bank.indices[None, :] == index[:, None]  # B x K
+    nets = [lab_copy(m, 8) for m in (module.backbone, module.projector, module.key_backbone, module.key_projector)]
+    bank_before = bank.keys.clone()
+    perms = []
+    randperm = torch.randperm
+    monkeypatch.setattr(torch, "randperm", lambda *a, **k: perms.append(randperm(*a, **k)) or perms[-1])
+    logged = {}
+    monkeypatch.setattr(module, "log", lambda name, value, **kw: logged.setdefault(name, value))
+    x1, x2 = images(1), images(2)
+
+    module.training_step((x1, x2, index, index % 10), 0).backward()
+    module.on_after_backward()
+
+    assert len(perms) == 2 and all(not torch.equal(p, torch.arange(B)) for p in perms)  # keys of view 1, then view 2
+    reference, keys12 = lab_moco_step(nets, x1, x2, perms, bank_before, own, module.cfg_model["temperature"])
+    reference.backward()
+    torch.testing.assert_close(logged["train/loss"], reference, rtol=1e-6, atol=1e-6)
+    ours = {n: p.grad for n, p in module.named_parameters() if n.startswith(("backbone.", "projector."))}
+    theirs = {f"{part}.{n}": p.grad for part, net in zip(("backbone", "projector"), nets) for n, p in net.named_parameters()}
+    theirs = {n.replace(".bn.", "."): g for n, g in theirs.items()}  # LabSplitBN wraps the BN's parameters
+    assert ours.keys() == theirs.keys() and len(ours) > 40
+    for name, grad in ours.items():
+        torch.testing.assert_close(grad, theirs[name], rtol=1e-4, atol=1e-6, msg=name)
+    # one key an image: view 2's B keys went in, at the pointer, and nothing else moved
+    assert int(bank.ptr) == B and int(bank.num_written) == B
+    assert bank.indices[:B].tolist() == index.tolist()
+    torch.testing.assert_close(bank.keys[:B], F.normalize(keys12, dim=1), rtol=1e-6, atol=1e-6)
+    assert torch.equal(bank.keys[B:], bank_before[B:])
+
+
+def test_the_reference_sees_the_own_image_mask(tmp_path):
+    """The reference can fail: without the own-image mask, the lab's loss differs from ours."""
+    module = moco_module(tmp_path)
+    nets = [lab_copy(m, 8) for m in (module.backbone, module.projector, module.key_backbone, module.key_projector)]
+    bank = F.normalize(torch.randn(64, 128), dim=1)
+    perms = [torch.randperm(B), torch.randperm(B)]
+    own = torch.zeros(B, 64, dtype=torch.bool)
+    own[3, 5] = True
+    with torch.no_grad():
+        z = nets[3](nets[2](images(2)[perms[1]]))[torch.argsort(perms[1])]
+    bank[5] = F.normalize(z[3], dim=0)  # an older key of image 3, as similar as it can be
+    masked, _ = lab_moco_step(nets, images(1), images(2), perms, bank, own, 0.2)
+    kept, _ = lab_moco_step(nets, images(1), images(2), perms, bank, torch.zeros_like(own), 0.2)
+    assert kept > masked
+
+
+# --- SplitBatchNorm and ShuffleBN -----------------------------------------------------------
+def test_shuffled_encodes_a_permuted_batch_and_restores_its_order_exactly():
+    torch.manual_seed(0)
+    encoder = nn.Linear(5, 3)
+    seen = []
+    x = torch.randn(B, 5)
+    out = shuffled(lambda t: seen.append(t) or encoder(t), x, gather=lambda t: t, broadcast=lambda t: t, rank=0)
+    assert torch.equal(out, encoder(x))  # row i is image i's, bit for bit
+    assert not torch.equal(seen[0], x) and sorted(seen[0][:, 0].tolist()) == sorted(x[:, 0].tolist())  # a permutation
+
+
+def group_of(encode, x: torch.Tensor, j: int) -> set[int]:
+    """The images whose output moves when image j changes: the batch-norm group j is normalised with."""
+    torch.manual_seed(0)
+    before = encode(x)
+    changed = x.clone()
+    changed[j] += 1.0
+    torch.manual_seed(0)  # the same ShuffleBN permutation
+    after = encode(changed)
+    return {i for i in range(len(x)) if not torch.allclose(before[i], after[i], rtol=0, atol=1e-6)}
+
+
+def test_a_query_and_its_key_are_normalised_in_different_groups(tmp_path):
+    module = moco_module(tmp_path, "model.bn_splits=4")  # groups of 4 images
+    x1, x2 = images(1), images(2)
+    for j in range(4):
+        query = group_of(lambda v: module.encode(v, x2)[1][0], x1, j)  # q1: view 1 through the online encoder
+        key = group_of(lambda v: module.encode(x1, v)[2][1], x2, j)  # k2, its positive: view 2 through the key encoder
+        assert query == {i for i in range(B) if i % 4 == j % 4}  # 4 images, one group of the query batch
+        assert len(key) == 4 and key != query  # a group of the shuffled key batch: other images
+        assert group_of(lambda v: module.encode(v, x2)[1][1], x1, j) == set()  # q2 never sees view 1: separate batches
+
+
+def test_bn_splits_1_without_shuffle_is_the_former_one_batch_encoder(tmp_path):
+    module = moco_module(tmp_path, "model.bn_splits=1", "model.shuffle_bn=false", "model.proj_layers=3", "model.proj_bn=true")
+    assert not any(isinstance(m, SplitBatchNorm) for m in module.modules()) and not module.separate_views
+    x1, x2 = images(1), images(2)
+    _, (q1, q2), (k1, k2) = module.encode(x1, x2)
+    z = F.normalize(module.projector(module.backbone(torch.cat([x1, x2]))), dim=1)  # both views in one BN batch
+    torch.testing.assert_close(torch.cat([q1, q2]), z)
+    assert group_of(lambda v: module.encode(v, x2)[1][0], x1, 0) == set(range(B))
+
+
+def test_split_batchnorm_is_batchnorm_in_eval_and_keeps_torchvision_names(tmp_path):
+    module = moco_module(tmp_path, "model.bn_splits=4")
+    splits = [m for m in module.backbone.modules() if isinstance(m, SplitBatchNorm)]
+    assert len(splits) == 20 and all(m.num_splits == 4 for m in splits)
+    plain = torchvision.models.resnet18(num_classes=10)
+    plain.conv1, plain.maxpool, plain.fc = nn.Conv2d(3, 8, 3, 1, 1, bias=False), nn.Identity(), nn.Identity()
+    assert module.backbone.state_dict().keys() == plain.state_dict().keys()
+    x = images(1)
+    bn = nn.BatchNorm2d(3)
+    split = SplitBatchNorm(3, 4)
+    for layer in (bn, split):
+        layer.running_mean.fill_(0.5)
+    split.eval(), bn.eval()
+    assert torch.equal(split(x), bn(x))  # eval: running statistics, like BatchNorm2d
+    split.train(), bn.train()
+    split(x)
+    groups = x.view(4, 4, 3, 16, 16).permute(1, 2, 0, 3, 4).reshape(4, 3, -1)  # g x C x values: group g = images g, g + 4, ...
+    torch.testing.assert_close(split.running_mean, 0.9 * 0.5 + 0.1 * groups.mean(2).mean(0))
+    torch.testing.assert_close(split.running_var, 0.9 * 1.0 + 0.1 * groups.var(2).mean(0))  # each group's own (unbiased) variance
+
+
+def test_batch_not_a_multiple_of_bn_splits_and_sync_batchnorm_fail_before_training(tmp_path):
+    with pytest.raises(ConfigError, match=r"data.batch_size=12 \(per device\) must be a multiple of model.bn_splits=8"):
+        build(make_cfg([*STEP, "data.batch_size=12", "model.queue_size=48"], tmp_path))
+    with pytest.raises(ConfigError, match=r"trainer.sync_batchnorm=true .* undoes model.bn_splits and model.shuffle_bn"):
+        build(make_cfg([*STEP, "+trainer.sync_batchnorm=true"], tmp_path))
+    with pytest.raises(ConfigError, match=r"model.bn_splits must be a positive integer"):
+        build(make_cfg([*STEP, "model.bn_splits=0"], tmp_path))
+
+
+# --- precision, EMA, the key encoder's statistics -------------------------------------------
+def test_similarities_stay_float32_under_bf16_autocast(tmp_path):
+    module = moco_module(tmp_path, "mining.positive=soft_hard", "mining.negative=gradient")
+    module.bank.enqueue(F.normalize(torch.randn(64, 128), dim=1), torch.arange(64) + 1000, torch.arange(64) % 10)
+    q, k = F.normalize(torch.randn(B, 128), dim=1), F.normalize(torch.randn(B, 128), dim=1)
+    exact, *_ = module.contrast(q, k, torch.arange(B))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, ctx, _, _ = module.contrast(q, k, torch.arange(B))
+        assert (q @ module.bank.keys.T).dtype == torch.bfloat16  # what autocast would have done
+        assert ctx.bank_sim.dtype == ctx.key_bank_sim.dtype == loss.dtype == torch.float32  # the band ranked in float32
+    torch.testing.assert_close(loss, exact, rtol=1e-6, atol=1e-6)
+
+
+class KeyWeights(L.Callback):
+    """Records the key encoder's first weight after every training batch."""
+
+    def __init__(self):
+        self.after: list[torch.Tensor] = []
+
+    def on_train_batch_end(self, trainer, module, *args) -> None:
+        self.after.append(module.key_backbone.conv1.weight.detach().clone())
+
+
+def test_ema_moves_once_per_optimizer_step_with_gradient_accumulation(tmp_path):
+    probe = KeyWeights()
+    extra = ["trainer.max_epochs=1", "trainer.limit_train_batches=4", "trainer.limit_val_batches=0", "+trainer.accumulate_grad_batches=2"]
+    datamodule, module, trainer = build(make_cfg([*STEP, *extra, "model.momentum=0.5", "seed=0"], tmp_path))
+    trainer.callbacks.append(probe)
+    online = []
+    module.on_train_batch_start = lambda *a: online.append(module.backbone.conv1.weight.detach().clone())
+    trainer.fit(module, datamodule)
+    assert trainer.global_step == 2
+    w = probe.after
+    assert torch.equal(w[0], w[1])  # before the first optimizer step the key encoder is the online one
+    assert not torch.equal(w[1], w[2]) and torch.equal(w[2], w[3])  # moved at batch 2 only, not at batch 3 too
+    torch.testing.assert_close(w[2], torch.lerp(w[1], online[2], 0.5))  # m = 0.5 toward the stepped online encoder
+
+
+def test_key_encoder_keeps_its_own_batchnorm_statistics(tmp_path):
+    module = moco_module(tmp_path)
+    module.backbone.bn1.running_mean.fill_(5.0)  # the online encoder's statistics: not the key encoder's
+    x1, x2 = images(1), images(2)
+    with torch.no_grad():
+        means = [module.key_backbone.conv1(x).mean((0, 2, 3)) for x in (x1, x2)]  # per channel, the batch's
+    module.training_step((x1, x2, torch.arange(B), torch.zeros(B, dtype=torch.long)), 0)
+    expected = 0.9 * (0.9 * 0.0 + 0.1 * means[0]) + 0.1 * means[1]  # its own zeros, then view 1, then view 2
+    torch.testing.assert_close(module.key_backbone.bn1.running_mean, expected)
