@@ -194,7 +194,7 @@ def step_seconds(module, batch: tuple[torch.Tensor, ...], device: torch.device, 
 def warm_up(module, batch: tuple[torch.Tensor, ...], device: torch.device, precision: str) -> None:
     """One small untimed step of an MCLModule, so the process's one-time costs fall on no timed step."""
     step_seconds(module, tuple(t[:8] for t in batch), device, precision, 1, 0)
-    module.bank.ptr.zero_()  # 16 keys went in; back on a multiple of the keys per step
+    module.bank.ptr.zero_()  # 8 keys went in; back on a multiple of the keys per step
 
 
 def random_views(batch_size: int, size: int, device: torch.device) -> tuple[torch.Tensor, ...]:

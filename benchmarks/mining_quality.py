@@ -3,10 +3,11 @@
     python benchmarks/mining_quality.py                       # ../shared/data/cifar10_dev.npz
     python benchmarks/mining_quality.py --epochs 2 --seeds 1339
 
-Every variant is the `paper_cifar10` preset's protocol (MoCo v2, weak key view, tau 0.2, EMA
-0.99) with a width-16 ResNet-18, trained for the same fixed budget on the npz file (by default
-30 steps of 64 images at 16 x 16 px, a 1024-key bank: sized for a shared 2-core CPU); only the
-mining differs:
+Every variant is the `paper_cifar10` preset's protocol (the lab's MoCo v2: strong views on both
+sides, tau 0.2, EMA 0.99, SplitBatchNorm and ShuffleBN, one key an image enqueued) with a width-16
+ResNet-18, trained for the same fixed budget on the npz file (by default 30 steps of 64 images at
+16 x 16 px, a 1024-key bank, full after 16 steps: sized for a shared 2-core CPU); only the mining
+differs:
 
     moco_v2         mining.positive=none       mining.negative=all
     paper           mining.positive=soft_hard  mining.negative=gradient

@@ -7,7 +7,9 @@
 lightly's side is its documented MoCo recipe as a LightningModule: `lightly.loss.NTXentLoss` with
 its memory bank and `lightly.models.utils.update_momentum`, made symmetric like ours (both views
 through both encoders, two loss directions, both keys enqueued). Both run through Lightning on the
-same fixed batch, in turn. Ours also trains its online linear probe and logs its diagnostics.
+same fixed batch, in turn. Ours also trains its online linear probe and logs its diagnostics. Ours
+runs with model.bn_splits=1 model.shuffle_bn=false here, lightly's recipe has neither: both encode
+the two views as one batch (the lab protocol's four separate forwards and shuffle are timed by step.py).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ class LightlyMoCo(L.LightningModule):
         from lightly.models.utils import deactivate_requires_grad
 
         self.backbone = WidthResNet("resnet18", width, cifar_stem=True)
-        self.projector = mlp(self.backbone.out_dim, proj["proj_hidden"], proj["proj_out"], proj["proj_layers"])
+        self.projector = mlp(self.backbone.out_dim, proj["proj_hidden"], proj["proj_out"], proj["proj_layers"], bn=proj["proj_bn"])
         self.key_backbone, self.key_projector = copy.deepcopy(self.backbone), copy.deepcopy(self.projector)
         deactivate_requires_grad(self.key_backbone)
         deactivate_requires_grad(self.key_projector)
@@ -73,8 +75,9 @@ def main() -> None:
         for bank in args.banks:
             ours, cfg = bench.build_module(
                 [f"backbone.width={width}", f"model.queue_size={bank}", f"data.batch_size={args.batch}", "experiment=moco_v2"]
+                + ["model.bn_splits=1", "model.shuffle_bn=false"]
             )
-            proj = {k: cfg.model[k] for k in ("proj_hidden", "proj_out", "proj_layers")}
+            proj = {k: cfg.model[k] for k in ("proj_hidden", "proj_out", "proj_layers", "proj_bn")}
             theirs = LightlyMoCo(width, bank, cfg.model.temperature, cfg.model.momentum, cfg.optim.lr, proj)
             bench.fill_bank(ours)
             batch = bench.random_views(args.batch, 32, device)

@@ -175,13 +175,13 @@ class MCLModule(L.LightningModule):
         views = [self._images(x1), self._images(x2)]
         features = encode_views(self.backbone, views, self.separate_views)  # [B x out_dim] x 2
         z = encode_views(self.projector, features, self.separate_views)  # [B x D] x 2
-        queries = [F.normalize(self.predictor(t), dim=1) for t in z]
+        queries = [F.normalize(t, dim=1) for t in encode_views(self.predictor, z, self.separate_views)]
         if self.in_batch:  # one encoder: the keys are the online projections, with gradient
             return features[0], queries, [F.normalize(t, dim=1) for t in z]
         with torch.no_grad():
             key_encoder = lambda x: self.key_projector(self.key_backbone(x))  # noqa: E731
             if self.shuffle_bn:
-                broadcast = self.trainer.strategy.broadcast if self.world_size > 1 else lambda t: t
+                broadcast = (lambda t: self.all_gather(t)[0]) if self.world_size > 1 else (lambda t: t)  # rank 0's, on every device
                 key_encoder = functools.partial(shuffled, key_encoder, gather=self.gather, broadcast=broadcast, rank=self.global_rank)
             keys = [F.normalize(t, dim=1) for t in encode_views(key_encoder, views, self.separate_views)]
         return features[0], queries, keys

@@ -35,7 +35,11 @@ def build_with(tmp_path: Path, *overrides: str):
         (["model.momentum=1.0"], ConfigError, r"model.momentum .* must lie in \[0, 1\), got 1.0; 1 freezes the key encoder"),
         (["model.momentum_schedule=linear"], ConfigError, r"model.momentum_schedule must be 'const' or 'cosine'"),
         (["monitor.knn_k=0"], ConfigError, r"monitor.knn_k must be >= 1"),
-        (["model.queue_size=100"], ConfigError, r"model.queue_size=100 must be a multiple of the keys enqueued per step: .* = 64"),
+        (
+            ["model.queue_size=100"],
+            ConfigError,
+            r"model.queue_size=100 must be a multiple of the keys enqueued per step, one key an image: .* = 32",
+        ),
         (
             ["data.batch_size=2048", "model.queue_size=4096"],
             DatasetError,

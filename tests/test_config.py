@@ -73,13 +73,15 @@ def test_every_trainer_composes_and_the_cpu_ones_run(tmp_path):
         ("cifar100", lambda root: write_cifar(root, "cifar100"), []),
         ("stl10", write_stl10, ["data.batch_size=4", "model.queue_size=8"]),
         ("tinyimagenet", write_tinyimagenet, ["data.batch_size=2", "model.queue_size=8"]),
-        ("imagefolder", write_image_folder, ["data.batch_size=2", "model.queue_size=8", "dataset.image_size=24"]),
+        ("imagefolder", write_image_folder, ["data.batch_size=2", "model.queue_size=8", "dataset.image_size=24", "model.bn_splits=1"]),
     ],
 )
 def test_every_dataset_trains(tmp_path, trusted, dataset, writer, extra):  # noqa: F811
     writer(tmp_path)
     root = "dataset.root" if dataset == "imagefolder" else "paths.data_dir"
-    run_fast(tmp_path, [f"dataset={dataset}", f"{root}={tmp_path}", "data.batch_size=4", "model.queue_size=16", *extra])
+    run_fast(
+        tmp_path, [f"dataset={dataset}", f"{root}={tmp_path}", "data.batch_size=4", "model.queue_size=16", "model.bn_splits=2", *extra]
+    )
 
 
 def test_npz_dataset_trains(tmp_path, npz_file):
@@ -87,5 +89,5 @@ def test_npz_dataset_trains(tmp_path, npz_file):
 
 
 def test_queue_not_a_multiple_of_the_keys_per_step(tmp_path):
-    with pytest.raises(ConfigError, match=r"model.queue_size=100 must be a multiple .* = 64"):
+    with pytest.raises(ConfigError, match=r"model.queue_size=100 must be a multiple .* = 32"):
         train(make_cfg([*FAST, "model.queue_size=100"], tmp_path))

@@ -419,7 +419,7 @@ def test_training_logs_the_mining_diagnostics(tmp_path):
             "callbacks=none",
             "experiment=paper_cifar10",
             "dataset=digits",
-            "model.queue_size=128",  # full after two steps of 2 x 32 keys
+            "model.queue_size=64",  # full after two steps of 32 keys (one key an image)
             "trainer.max_epochs=1",
             "trainer.limit_train_batches=3",
             "trainer.limit_val_batches=1",
@@ -433,7 +433,7 @@ def test_training_logs_the_mining_diagnostics(tmp_path):
     steps = [r for r in rows if r.get("mining/neg_kept_step")]
     assert len(steps) == 3 and "val/knn_top1" in summary
     kept = [float(r["mining/neg_kept_step"]) for r in steps]
-    assert kept[0] == 128 and kept[-1] <= round(0.5 * 128) - round(0.02 * 128)  # warm-up keeps all, then the band
+    assert kept[0] == 64 and kept[-1] <= round(0.5 * 64) - round(0.02 * 64)  # warm-up keeps all, then the band
     purity = [float(r["mining/pos_purity_step"]) for r in steps if r.get("mining/pos_purity_step")]
     assert purity and all(0 <= p <= 1 for p in purity)
     assert any(r.get("mining/neg_grad_share_kept_epoch") for r in rows)

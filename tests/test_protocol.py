@@ -4,18 +4,23 @@ ShuffleBN, float32 similarities under bf16, the EMA and the key encoder's own BN
 from __future__ import annotations
 
 import copy
+import functools
+import itertools
+from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 import torchvision
+import yaml
 from conftest import make_cfg
+from omegaconf import OmegaConf
 from torch import nn
 from torch.nn import functional as F
 
 from mcl.batchnorm import SplitBatchNorm, shuffled
 from mcl.module import MCLModule
-from mcl.train import ConfigError, build, build_module
+from mcl.train import CONF_DIR, ConfigError, build, build_module
 
 B = 16
 STEP = ["experiment=moco_v2", "logger=none", "callbacks=none", "dataset=digits", "dataset.image_size=16", "backbone.width=8"]
@@ -258,3 +263,97 @@ def test_key_encoder_keeps_its_own_batchnorm_statistics(tmp_path):
     module.training_step((x1, x2, torch.arange(B), torch.zeros(B, dtype=torch.long)), 0)
     expected = 0.9 * (0.9 * 0.0 + 0.1 * means[0]) + 0.1 * means[1]  # its own zeros, then view 1, then view 2
     torch.testing.assert_close(module.key_backbone.bn1.running_mean, expected)
+
+
+# --- one protocol: every preset and sweep job is moco_v2 plus what it names -------------------
+def flat(node: dict, prefix: str = "") -> dict[str, object]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists and interpolation strings are leaves (compared unresolved)."""
+    out: dict[str, object] = {}
+    for key, value in node.items():
+        if isinstance(value, dict) and value:
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+@functools.cache
+def composed(overrides: tuple[str, ...]) -> dict[str, object]:
+    cfg = make_cfg(list(overrides), Path("/unused"))
+    return flat(OmegaConf.to_container(cfg, resolve=False))
+
+
+def owner(key: str, values: set[str], groups: set[str]) -> str | None:
+    """The named item a config key belongs to: a value key the yaml sets, or a group it overrides."""
+    return next((n for n in (*values, *groups) if key == n or key.startswith(n + ".")), None)
+
+
+def named(path: Path) -> tuple[set[str], set[str], set[str]]:
+    """(value keys the yaml sets itself, all value keys including its parent presets', groups it overrides)."""
+    data = yaml.safe_load(path.read_text())
+    hydra_params = data.get("hydra", {}).get("sweeper", {}).get("params", {})
+    own = {k for k in flat({k: v for k, v in data.items() if k not in ("defaults", "hydra")})}
+    values, groups = set(own), set()
+    for key in hydra_params:  # a sweep's grid: a group or a value key per entry
+        (groups if (Path(CONF_DIR) / key).is_dir() else values).add(key)
+    for entry in data.get("defaults", []):
+        if isinstance(entry, str) and entry != "_self_":  # a parent preset of the same group
+            _, parent_values, parent_groups = named(path.parent / f"{entry}.yaml")
+            values |= parent_values
+            groups |= parent_groups
+        elif isinstance(entry, dict):
+            ((group, _),) = entry.items()
+            groups.add(group.removeprefix("override ").lstrip("/"))
+    return own, values, groups
+
+
+def sweep_jobs(path: Path) -> list[tuple[str, ...]]:
+    """The sweep's grid, with the seed axis cut to two values (it only sets `seed`; a compose takes ~0.5 s)."""
+    params = yaml.safe_load(path.read_text())["hydra"]["sweeper"]["params"]
+    axes = {key: [f"{key}={v}" for v in str(values).split(",")] for key, values in params.items()}
+    seeds = axes.pop("seed", [])
+    combos = list(itertools.product(*axes.values()))
+    jobs = [(*combo, *seeds[:1]) for combo in combos] + [(*combos[0], seed) for seed in seeds[1:2]]
+    return [(f"+sweep={path.stem}", *job) for job in jobs]
+
+
+PRESETS = sorted((Path(CONF_DIR) / "experiment").glob("*.yaml"))
+SWEEPS = sorted((Path(CONF_DIR) / "sweep").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
+def test_a_preset_differs_from_moco_v2_exactly_by_what_it_names(path):
+    base = composed(("experiment=moco_v2",))
+    config = composed((f"experiment={path.stem}",))
+    own, values, groups = named(path)
+    differ = {k for k in base.keys() | config.keys() if base.get(k, "<absent>") != config.get(k, "<absent>")}
+    assert not {k for k in differ if owner(k, values, groups) is None}, f"{path.stem} changes keys it does not name"
+    if path.stem != "moco_v2":
+        assert not own - differ, f"{path.stem} sets keys to moco_v2's values: {sorted(own - differ)}"
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
+def test_a_sweep_job_is_moco_v2_plus_its_grid_and_equals_the_preset_with_its_mining(path):
+    base = composed(("experiment=moco_v2",))
+    _, values, groups = named(path)
+    owners = set()
+    mining_only = []  # presets that differ from moco_v2 only by their mining
+    for preset in PRESETS:
+        diff = {k for k, v in composed((f"experiment={preset.stem}",)).items() if base.get(k) != v}
+        if all(k.startswith("mining.") or k in ("task_name", "seed") for k in diff):
+            mining_only.append(composed((f"experiment={preset.stem}",)))
+    matched = 0
+    for job in sweep_jobs(path):
+        config = composed(job)
+        differ = {k for k in base.keys() | config.keys() if base.get(k, "<absent>") != config.get(k, "<absent>")}
+        owners |= {owner(k, values, groups) for k in differ}
+        for preset in mining_only:
+            if all(preset.get(k) == v for k, v in config.items() if k.startswith("mining.")):
+                matched += 1
+                swept = {k for k in values if not k.startswith("mining.")}  # e.g. model.temperature: the sweep's own axis
+                mismatch = {k for k in preset.keys() | config.keys() if preset.get(k) != config.get(k)} - swept - {"task_name"}
+                assert not mismatch, f"{job} and the preset with its mining differ in {sorted(mismatch)}"
+    assert None not in owners, f"a {path.stem} job changes keys the sweep does not name"
+    assert owners == values | groups, f"{path.stem} names items that no job changes: {sorted(values | groups - owners)}"
+    if path.stem in ("ablation", "negatives", "positives", "seeds"):
+        assert matched, f"no {path.stem} job matched a preset"
