@@ -16,7 +16,7 @@ from conftest import run_cli
 from test_resume import KEEP_ALL, assert_same_training_state, load
 
 HERE = Path(__file__).resolve().parent
-BATCH, QUEUE = 16, 128  # 2 views x 16 x 2 ranks = 64 keys a step: the bank turns over every 2 steps
+BATCH, QUEUE = 16, 64  # 16 images (one key each) x 2 ranks = 32 keys a step: the bank turns over every 2 steps
 DDP_TINY = [
     "trainer=ddp_cpu",
     "debug=tiny",
@@ -86,13 +86,13 @@ def test_ddp_bank_identical_disjoint_shards_scaled_lr_reduced_metrics(ddp_run):
     for name in ("keys", "indices", "labels", "ptr", "num_written"):
         assert torch.equal(r0["final_bank"][name], r1["final_bank"][name]), name
 
-    # each step enqueues the keys of both ranks, in rank order: [rank 0 (2 views) | rank 1 (2 views)]
+    # each step enqueues one key an image (view 2's) of both ranks, in rank order: [rank 0 | rank 1]
     banks = [s["bank"] for s in r0["steps"]] + [r0["final_bank"]]
-    keys_per_step = 2 * BATCH * 2
+    keys_per_step = BATCH * 2
     for t, (s0, s1) in enumerate(zip(r0["steps"], r1["steps"])):
         before, after = banks[t], banks[t + 1]
         ptr = int(before["ptr"])
-        expected = torch.cat([s0["batch_index"], s0["batch_index"], s1["batch_index"], s1["batch_index"]])
+        expected = torch.cat([s0["batch_index"], s1["batch_index"]])
         assert torch.equal(after["indices"][ptr : ptr + keys_per_step], expected)
         assert int(after["num_written"]) == int(before["num_written"]) + keys_per_step
     final_indices = set(r0["final_bank"]["indices"].tolist())
