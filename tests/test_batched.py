@@ -219,7 +219,7 @@ def test_batched_path_refuses_file_datasets_and_misplaced_options(cfg_factory, t
             for i in range(2):
                 (tmp_path / "imgs" / split / c).mkdir(parents=True, exist_ok=True)
                 Image.fromarray(np.full((8, 8, 3), 40 * i, dtype=np.uint8)).save(tmp_path / "imgs" / split / c / f"{i}.png")
-    folder = ["dataset=imagefolder", f"dataset.root={tmp_path / 'imgs'}", "data.batch_size=2", "model.queue_size=8"]
+    folder = ["dataset=imagefolder", f"dataset.root={tmp_path / 'imgs'}", "data.batch_size=2", "model.queue_size=8", "model.bn_splits=2"]
     with pytest.raises(DatasetError, match="batched_augment=true needs an in-memory dataset"):
         build(cfg_factory([*SMALL, *folder, "data.batched_augment=true"]))
     with pytest.raises(ValueError, match="images_on_device=true only applies to the batched path"):
