@@ -5,9 +5,9 @@ Identity classifier, so the file (tensors only, `torch.load(FILE, weights_only=T
 with strict key matching into `torchvision.models.resnet18()` / `resnet50()` whose `fc` is an
 Identity (and, for the CIFAR stem, whose conv1 is 3x3 stride 1, and maxpool an Identity unless
 the dataset keeps it: TinyImageNet, STL-10). The export prints those lines. torchvision builds
-width 64 only; another width loads into
-`WidthResNet(arch, width, cifar_stem, maxpool)`. SplitBatchNorm (model.bn_splits) is a BatchNorm2d
-with the same parameters and buffers: nothing of it shows in the file.
+width 64 only; another width loads into `WidthResNet(arch, width, cifar_stem, maxpool)`.
+SplitBatchNorm (model.bn_splits) is a BatchNorm2d with the same parameters and buffers: nothing
+of it shows in the file.
 """
 
 from __future__ import annotations

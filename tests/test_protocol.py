@@ -8,6 +8,7 @@ import functools
 import itertools
 from pathlib import Path
 
+import hydra
 import lightning as L
 import pytest
 import torch
@@ -19,6 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from mcl.batchnorm import SplitBatchNorm, shuffled
+from mcl.export import torchvision_recipe
 from mcl.module import MCLModule
 from mcl.train import CONF_DIR, ConfigError, build, build_module
 
@@ -205,6 +207,17 @@ def test_split_batchnorm_is_batchnorm_in_eval_and_keeps_torchvision_names(tmp_pa
     groups = x.view(4, 4, 3, 16, 16).permute(1, 2, 0, 3, 4).reshape(4, 3, -1)  # g x C x values: group g = images g, g + 4, ...
     torch.testing.assert_close(split.running_mean, 0.9 * 0.5 + 0.1 * groups.mean(2).mean(0))
     torch.testing.assert_close(split.running_var, 0.9 * 1.0 + 0.1 * groups.var(2).mean(0))  # each group's own (unbiased) variance
+
+
+@pytest.mark.parametrize("dataset,pool", [("cifar10", False), ("tinyimagenet", True), ("stl10", True)])
+def test_the_stem_per_dataset_is_the_labs(tmp_path, dataset, pool):
+    """3x3 stride-1 conv everywhere; the max-pool stays on TinyImageNet and STL-10 (network/base_model.py)."""
+    cfg = make_cfg([f"dataset={dataset}", "backbone.width=8"], tmp_path)
+    net = hydra.utils.instantiate(cfg.backbone)
+    assert (net.conv1.kernel_size, net.conv1.stride) == ((3, 3), (1, 1))
+    assert isinstance(net.maxpool, nn.MaxPool2d) is pool
+    recipe = torchvision_recipe({**cfg.backbone, "width": 64}, "x.pt")
+    assert ("model.maxpool = torch.nn.Identity()" in recipe) is not pool
 
 
 def test_batch_not_a_multiple_of_bn_splits_and_sync_batchnorm_fail_before_training(tmp_path):
