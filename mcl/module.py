@@ -250,6 +250,9 @@ class MCLModule(L.LightningModule):
             if neg.weight is not None:
                 weight = neg.weight if ctx.positive is None else neg.weight.masked_fill(ctx.positive, 1.0)  # mined positives stay in Z
                 log_weight = F.pad(weight.log(), (1, 0))  # B x (1+K), 0 for the augmented positive
+            if pos.lam == 0 and targets is not None:  # NNCLR: where a neighbour replaced k_i, k_i is no candidate at all
+                augmented = F.pad((targets[:, :1] > 0).to(logits.dtype).log(), (0, bank_keys.shape[0]))  # B x (1+K): -inf on k_i if mined
+                log_weight = augmented if log_weight is None else log_weight + augmented
             loss = weighted_infonce(logits, targets, log_weight, neg.log_mass)
         return loss, ctx, pos, neg
 

@@ -12,12 +12,13 @@ final weights equal an uninterrupted run's bit for bit):
   them in every checkpoint and sets them back when training restarts.
 
 Faults: `AtomicCheckpointIO` writes each checkpoint beside its target and renames it into place;
-`ResumeState` saves `last.ckpt` on SIGTERM; `NonFiniteLossGuard` stops the run at the first
-non-finite loss, before that step updates the weights or writes a checkpoint.
+`ResumeState` saves `last.ckpt` on SIGTERM; `NonFiniteGuard` stops the run at the first
+non-finite loss or gradient, before that step updates the weights or writes a checkpoint.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import secrets
@@ -36,10 +37,6 @@ from torch.utils.data import Dataset, DistributedSampler
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed from; raised before training starts."""
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite."""
 
 
 # --- data order ---------------------------------------------------------------------------
@@ -201,26 +198,54 @@ class ResumeState(L.Callback):
 
 
 # --- divergence ---------------------------------------------------------------------------
-class NonFiniteLossGuard(L.Callback):
-    """Stops training at the first NaN/inf loss, before the backward pass and the optimizer step.
+class NonFiniteError(RuntimeError):
+    """Training produced NaN/inf values; raised before they reach the weights."""
 
-    The decision is reduced over ranks, so every DDP process stops at the same step. Nothing is
-    saved afterwards: the last checkpoint on disk stays the last good one.
+
+class NonFiniteLossError(NonFiniteError):
+    """The training loss became NaN or infinite."""
+
+
+class NonFiniteGradientError(NonFiniteError):
+    """A gradient became NaN or infinite while the loss was finite."""
+
+
+class NonFiniteGuard(L.Callback):
+    """Stops training at the first NaN/inf loss or gradient, before the optimizer step applies it.
+
+    The losses of the step (every backward since the last optimizer step) and all gradients are
+    reduced on the device to one flag, summed over ranks, and read once, in
+    `on_before_optimizer_step`: one device->host read a step, and every DDP process stops at the
+    same step. Nothing is saved afterwards: the last checkpoint on disk stays the last good one.
+    Under 16-bit mixed precision (a gradient scaler) only the losses are checked: the scaler
+    itself skips the steps whose scaled gradients overflow.
     """
 
     def __init__(self) -> None:
         self._batch: Any = None
+        self._losses: list[torch.Tensor] = []
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         self._batch = batch
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
-        here = not bool(torch.isfinite(loss).all())
-        if trainer.strategy.reduce_boolean_decision(here, all=False):  # any rank
-            raise NonFiniteLossError(self._message(trainer, pl_module, loss, here))
+        self._losses.append(loss.detach())  # checked with the gradients, without a read here
 
-    def _message(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor, here: bool) -> str:
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+        losses, self._losses = self._losses, []
+        scaled = getattr(trainer.precision_plugin, "scaler", None) is not None
+        grads = [] if scaled else [p.grad for p in pl_module.parameters() if p.grad is not None]
+        worst = torch.nn.utils.get_total_norm([*losses, *grads], norm_type=math.inf)  # max |x|: nan/inf if any is
+        bad = trainer.strategy.reduce((~torch.isfinite(worst)).float(), reduce_op="sum")  # ranks with a non-finite value
+        if bool(bad):  # the step's one device->host read
+            raise self._error(trainer, pl_module, losses, check_grads=not scaled)
+
+    def _error(self, trainer: L.Trainer, pl_module: L.LightningModule, losses: list[torch.Tensor], check_grads: bool) -> NonFiniteError:
         hp = pl_module.hparams
+        loss = torch.stack(losses).float().sum() if losses else torch.tensor(0.0)
+        params = pl_module.named_parameters() if check_grads else ()
+        named = [n for n, p in params if p.grad is not None and not torch.isfinite(p.grad).all()]
+        bad_loss, here = not torch.isfinite(loss), bool(named) or not torch.isfinite(loss)
         views = [t for t in (self._batch or [])[:2] if torch.is_tensor(t) and t.is_floating_point()]
         if not here:
             cause = "see that process's message"
@@ -228,20 +253,32 @@ class NonFiniteLossGuard(L.Callback):
             cause = "the weights are already non-finite: an earlier update diverged (optim.lr too high?)"
         elif views and not all(torch.isfinite(v).all() for v in views):
             cause = "this batch's images hold NaN/inf values (check the dataset and its mean/std)"
-        else:
+        elif bad_loss:
             cause = (
                 f"the loss overflowed with finite weights and inputs: optim.lr={hp['optim']['lr']} too high or "
                 f"model.temperature={hp['model']['temperature']} too low (or half precision overflowing: trainer.precision)"
             )
+        else:
+            mining = ", ".join(f"mining.{side}: {hp['mining'][side]['_target_'].rsplit('.', 1)[-1]}" for side in ("positive", "negative"))
+            cause = (
+                "the backward pass of a finite loss produced NaN/inf with finite weights and inputs: an operation with an "
+                f"undefined derivative in the loss (0 * inf, log or sqrt at 0; {mining}), or gradients overflowing "
+                f"(optim.lr={hp['optim']['lr']}, trainer.precision={trainer.precision})"
+            )
         last = last_checkpoint_path(trainer)
         kept = f"the last good checkpoint {last} was left untouched" if last.is_file() else "no checkpoint had been written yet"
         where = f"global step {trainer.global_step} (epoch {trainer.current_epoch}, batch {trainer.fit_loop.epoch_loop.batch_idx + 1})"
-        what = (
-            f"non-finite training loss ({loss.item()})"
-            if here
-            else f"non-finite training loss on another DDP process (rank {trainer.global_rank}'s is {loss.item():.4g})"
-        )
-        return f"{what} at {where}. Likely cause: {cause}. Training stopped; {kept}."
+        if not here:
+            what, kind = (
+                f"non-finite training loss or gradient on another DDP process (rank {trainer.global_rank}'s loss is {loss.item():.4g})",
+                NonFiniteError,
+            )
+        elif bad_loss:
+            what, kind = f"non-finite training loss ({loss.item()})", NonFiniteLossError
+        else:
+            shown = ", ".join(named[:5]) + (f", ... ({len(named)} in all)" if len(named) > 5 else "")
+            what, kind = f"non-finite gradient of {shown} with a finite loss ({loss.item():.4g})", NonFiniteGradientError
+        return kind(f"{what} at {where}. Likely cause: {cause}. Training stopped before the optimizer step; {kept}.")
 
 
 # --- checkpoint files ---------------------------------------------------------------------

@@ -17,7 +17,7 @@ from conftest import make_cfg, run_cli
 from test_resume import RUN, assert_same_training_state, load, run, uninterrupted
 
 import mcl.reliability
-from mcl.reliability import AtomicCheckpointIO, CheckpointError, NonFiniteLossError, read_checkpoint
+from mcl.reliability import AtomicCheckpointIO, CheckpointError, NonFiniteGradientError, NonFiniteLossError, read_checkpoint
 from mcl.train import build
 
 HERE = Path(__file__).resolve().parent
@@ -45,6 +45,18 @@ class NaNWeightsAt(L.Callback):
         if trainer.global_step == self.step:
             with torch.no_grad():
                 pl_module.backbone.conv1.weight.fill_(float("nan"))
+
+
+class NaNGradientAt(L.Callback):
+    """From global step `step` on, the backward pass turns the gradient of `backbone.conv1.weight` into NaN
+    (an operation with an undefined derivative); the forward pass and the loss stay finite."""
+
+    def __init__(self, step: int):
+        self.step, self.handle = step, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step and self.handle is None:
+            self.handle = pl_module.backbone.conv1.weight.register_hook(lambda grad: grad * float("nan"))
 
 
 @pytest.mark.slow
@@ -87,6 +99,18 @@ def test_nan_loss_stops_naming_step_and_cause_and_keeps_last_good_checkpoint(tmp
     assert "last good checkpoint" in str(err.value) and "untouched" in str(err.value)
     last = read_checkpoint(out / "checkpoints" / "last.ckpt")
     assert last["global_step"] == 2
+    assert all(torch.isfinite(t).all() for t in last["state_dict"].values() if t.is_floating_point())
+
+
+def test_nan_gradient_with_finite_loss_stops_before_the_update_naming_the_parameter(tmp_path):
+    out = tmp_path / "run"
+    nan = ["+callbacks.nan._target_=test_faults.NaNGradientAt", "+callbacks.nan.step=2", "trainer.max_epochs=1"]
+    pattern = r"non-finite gradient of backbone.conv1.weight with a finite loss \(\d.*\) at global step 2 \(epoch 0, batch 3\)"
+    with pytest.raises(NonFiniteGradientError, match=pattern + r".*undefined derivative.*before the optimizer step") as err:
+        run(out, *EVERY_STEP, *nan)
+    assert "last good checkpoint" in str(err.value) and "untouched" in str(err.value)
+    last = read_checkpoint(out / "checkpoints" / "last.ckpt")
+    assert last["global_step"] == 2  # the step that met the NaN wrote nothing
     assert all(torch.isfinite(t).all() for t in last["state_dict"].values() if t.is_floating_point())
 
 

@@ -13,6 +13,7 @@ from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
 from mcl.mining.diagnostics import mining_diagnostics
+from mcl.reliability import NonFiniteGradientError, NonFiniteGuard
 from mcl.train import CONF_DIR, build
 
 SMALL = ["debug=tiny", "logger=none", "callbacks=none", "dataset=digits", "trainer.max_epochs=1", "trainer.limit_train_batches=2"]
@@ -127,6 +128,26 @@ def test_a_mining_step_reads_the_device_once_per_direction(cfg_factory):
     with HostReads() as mode:  # the census can fail
         bool(bank.keys.any()), bank.keys[bank.labels > 0], int(bank.ptr)
     assert mode.reads == ["__bool__", "__getitem__", "__int__"]
+
+
+def test_the_nonfinite_guard_reads_the_device_once_a_step(cfg_factory):
+    """The loss and every gradient are checked with one device->host read, before the optimizer step."""
+    _, model, trainer = build(cfg_factory(SMALL))
+    guard = NonFiniteGuard()
+    q, k = (F.normalize(torch.randn(8, 128), dim=1) for _ in range(2))
+    model.bank.enqueue(F.normalize(torch.randn(64, 128), dim=1), torch.arange(64) + 1000, torch.arange(64) % 10)
+    z = model.projector(model.backbone(torch.randn(8, 3, 32, 32)))  # 8 x 128, through every encoder parameter
+    loss, *_ = model.contrast(F.normalize(z, dim=1), k, torch.arange(8))
+    with HostReads() as mode:
+        guard.on_before_backward(trainer, model, loss)
+        loss.backward()
+        guard.on_before_optimizer_step(trainer, model, None)
+    assert mode.reads == ["__bool__"]
+    assert sum(p.grad is not None for p in model.parameters()) > 20
+    model.projector[0].weight.grad[0, 0] = float("inf")  # the same check can fail: one gradient entry is enough
+    guard.on_before_backward(trainer, model, loss.detach())
+    with pytest.raises(NonFiniteGradientError, match=r"gradient of projector.0.weight with a finite loss"):
+        guard.on_before_optimizer_step(trainer, model, None)
 
 
 def fit_with_probe(cfg_factory, overrides: list[str], probe: bool = True):

@@ -59,7 +59,8 @@ class PositiveSelection:
 
     Rows of `weight` sum to 1, or to 0 where nothing was mined for that query. `lam` is the
     target weight of the augmented positive: t_i = lam * onehot(k_i) + (1 - lam) * weight_i,
-    and rows with no mined weight fall back to lam = 1.
+    and rows with no mined weight fall back to lam = 1. lam = 0 (NNCLR): in the rows with mined
+    weight, k_i is no candidate either: it leaves the normaliser.
     """
 
     index: torch.Tensor

@@ -226,7 +226,8 @@ class DebiasedNegatives:
         Ng_i   = max((R_i - tau_plus * N_i * pos_i) / (1 - tau_plus), N_i * exp(-1 / t))
     and the loss is -log(pos_i / (pos_i + Ng_i)) (Robinson et al. 2021, eq. and code; DCL is
     beta = 0). Returned as log_mass = log Ng (B), computed in log space in float32; it carries
-    gradient, through the importance weights too, as in the published code.
+    gradient, through the importance weights too, as in the published code. Dropped entries are
+    masked after scaling (beta * -inf is nan at beta = 0); a row that keeps no entry gets Ng = 0.
 
     beta:     hardness concentration (HCL: 1.0 on CIFAR; 0 gives DCL).
     tau_plus: class prior, the probability that a negative shares the query's class (0.1).
@@ -253,15 +254,20 @@ class DebiasedNegatives:
         keep = torch.ones_like(s, dtype=torch.bool) if selection.weight is None else selection.weight > 0  # B x K
         if ctx.positive is not None:  # mined positives are in Z as positives, not in the negatives' estimate
             keep &= ~ctx.positive
-        s = s.masked_fill(~keep, float("-inf"))
         n = keep.sum(dim=1).to(s.dtype)  # B: N_i
-        log_imp = self.beta * s  # B x K, log importance weights (-inf where dropped)
-        log_mean_imp = torch.logsumexp(log_imp, dim=1) - n.log()  # B
+        # a row that keeps nothing is computed over all K (finite values, finite gradient), then given mass 0
+        rows = keep | (n == 0)[:, None]  # B x K
+        n_rows = rows.sum(dim=1).to(s.dtype)  # B
+        # mask after scaling: beta * (-inf) is nan at beta = 0 (DCL)
+        log_imp = (self.beta * s).masked_fill(~rows, float("-inf"))  # B x K, log importance weights
+        s = s.masked_fill(~rows, float("-inf"))  # B x K
+        log_mean_imp = torch.logsumexp(log_imp, dim=1) - n_rows.log()  # B
         log_reweighted = torch.logsumexp(log_imp + s, dim=1) - log_mean_imp  # B: log R_i
         log_pos = (ctx.query.float() * ctx.key.float()).sum(dim=1) / t  # B
         log_prior = math.log(self.tau_plus) if self.tau_plus > 0 else float("-inf")
-        gap = (log_prior + n.log() + log_pos - log_reweighted).clamp(max=-1e-6)  # B: log(tau_plus N pos / R)
+        gap = (log_prior + n_rows.log() + log_pos - log_reweighted).clamp(max=-1e-6)  # B: log(tau_plus N pos / R)
         log_diff = torch.where(gap < -1e-6, log_reweighted + torch.log1p(-gap.exp()), float("-inf"))  # log(R - tau_plus N pos)
-        log_floor = n.log() - 1.0 / t  # B: log(N exp(-1/t))
+        log_floor = n_rows.log() - 1.0 / t  # B: log(N exp(-1/t))
         log_mass = torch.maximum(log_diff - math.log1p(-self.tau_plus), log_floor)  # B
+        log_mass = log_mass.masked_fill(n == 0, float("-inf"))  # no negative kept: no negative mass
         return NegativeSelection(weight=keep.to(ctx.bank_sim.dtype), log_mass=log_mass)

@@ -121,7 +121,9 @@ class NeighbourPositives:
 class NearestNeighbourPositive(NeighbourPositives):
     """`mining.positive=nn` (NNCLR): the top-1 neighbour n_i of k_i replaces k_i as the positive.
 
-    lam: 0 in NNCLR (the neighbour is the only target); k_i stays in the normaliser.
+    lam: 0 in NNCLR: the neighbour is the only target and, as in NNCLR, k_i is no candidate: it
+         leaves the normaliser of every row where a neighbour was mined (rows where nothing was
+         mined, e.g. during warm-up, keep k_i as their target). With 0 < lam the two are mixed.
     """
 
     def __init__(self, lam: float = 0.0, exclude_self: bool = True, warmup: bool = True):
