@@ -9,6 +9,8 @@ The candidates (where mined positives and negatives come from) are, with `model.
            after the backward pass: the bank read in a step never contains that step's keys.
     batch  both views' projections of the global batch, with gradient, one encoder, no bank
            (SimCLR's NT-Xent: the query's own two views are excluded as its own image).
+    neighbours  the batch's keys and their top-k bank neighbours, with NNCLR's or SNCLR's loss
+           (mcl.neighbours, knobs under model.neighbours); the mining strategies stay none/all.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from mcl.mining.base import MiningContext, NegativeSelection, PositiveSelection,
 from mcl.mining.diagnostics import mining_diagnostics
 from mcl.models import mlp
 from mcl.monitors import knn_predict, topk_accuracy
+from mcl.neighbours import NeighbourContrast
 
 
 def momentum_at(base: float, progress: float, schedule: str) -> float:
@@ -94,21 +97,30 @@ class MCLModule(L.LightningModule):
         self.cfg_model, self.cfg_optim, self.cfg_monitor = model, optim, monitor
         self.backbone = hydra.utils.instantiate(backbone)
         dim = self.backbone.out_dim
-        self.projector = mlp(dim, model["proj_hidden"], model["proj_out"], model["proj_layers"])
+        # checkpoints written before an option existed get the value that rebuilds their architecture
+        self.projector = mlp(dim, model["proj_hidden"], model["proj_out"], model["proj_layers"], model.get("proj_last_bn", "plain"))
         self.predictor = (
-            mlp(model["proj_out"], model["pred_hidden"], model["proj_out"], 2, last_bn=False) if model["predictor"] else nn.Identity()
+            mlp(model["proj_out"], model["pred_hidden"], model["proj_out"], 2, model.get("pred_last_bn", "none"))
+            if model["predictor"]
+            else nn.Identity()
         )
-        candidates = model.get("candidates", "bank")  # checkpoints written before the option hold a bank
-        if candidates not in ("bank", "batch"):
-            raise ValueError(f"model.candidates must be 'bank' (MoCo) or 'batch' (SimCLR), got {candidates!r}")
+        candidates = model.get("candidates", "bank")
+        if candidates not in ("bank", "batch", "neighbours"):
+            raise ValueError(f"model.candidates must be 'bank' (MoCo), 'batch' (SimCLR) or 'neighbours' (NNCLR, SNCLR), got {candidates!r}")
+        if model.get("key_encoder", "ema") not in ("ema", "online"):
+            raise ValueError(f"model.key_encoder must be 'ema' or 'online', got {model['key_encoder']!r}")
         self.in_batch = candidates == "batch"
-        self.key_backbone = None if self.in_batch else copy.deepcopy(self.backbone).requires_grad_(False)
-        self.key_projector = None if self.in_batch else copy.deepcopy(self.projector).requires_grad_(False)
+        self.neighbours = NeighbourContrast(**model["neighbours"]) if candidates == "neighbours" else None
+        online_keys = self.in_batch or model.get("key_encoder", "ema") == "online"
+        self.key_backbone = None if online_keys else copy.deepcopy(self.backbone).requires_grad_(False)
+        self.key_projector = None if online_keys else copy.deepcopy(self.projector).requires_grad_(False)
         self.bank = None if self.in_batch else MemoryBank(model["queue_size"], model["proj_out"])
         self.positive = hydra.utils.instantiate(mining["positive"])
         self.negative = hydra.utils.instantiate(mining["negative"])
         if not self.in_batch:  # bad knobs fail here, before training; in-batch: at setup, when the batch is known
             self.validate_mining(model["queue_size"], f"model.queue_size={model['queue_size']}")
+        if self.neighbours is not None:
+            self.neighbours.validate(model["queue_size"])
         self.num_classes = num_classes
         self.linear_probe = nn.Linear(dim, num_classes)
         self.val_linear_top1 = MulticlassAccuracy(num_classes, top_k=1, ignore_index=-1)
@@ -145,7 +157,7 @@ class MCLModule(L.LightningModule):
 
     @torch.no_grad()
     def _update_key_encoder(self, m: float) -> None:
-        if self.in_batch:
+        if self.key_backbone is None:
             return
         for online, key in ((self.backbone, self.key_backbone), (self.projector, self.key_projector)):
             torch._foreach_lerp_(list(key.parameters()), list(online.parameters()), 1.0 - m)
@@ -221,16 +233,22 @@ class MCLModule(L.LightningModule):
         features = self.backbone(self._images(torch.cat([x1, x2])))  # 2B x out_dim
         z = self.projector(features)
         q1, q2 = F.normalize(self.predictor(z), dim=1).split(b)  # B x D each
-        if self.in_batch:  # one encoder: the keys are the online projections, with gradient
+        if self.key_backbone is None:  # one encoder: the keys are the online projections, with gradient
             k1, k2 = F.normalize(z, dim=1).split(b)
         else:
             with torch.no_grad():
                 k1, k2 = F.normalize(self.key_projector(self.key_backbone(self._images(torch.cat([x1, x2])))), dim=1).split(b)
-        loss, candidates, mined12, mined21 = self.symmetric_loss(q1, q2, k1, k2, index, labels)
-        self._log_mining(labels, candidates.labels, mined12, mined21)
+        if self.neighbours is not None:  # NNCLR / SNCLR: in-batch keys and their bank neighbours
+            z1, z2 = z.split(b)
+            loss, stats = self.neighbours(((q1, z1, k2), (q2, z2, k1)), self.bank, index, labels, self.cfg_model["temperature"])
+            for name, value in stats.items():
+                self.log(f"mining/{name}", value, on_step=True, on_epoch=True, batch_size=b)
+        else:
+            loss, candidates, mined12, mined21 = self.symmetric_loss(q1, q2, k1, k2, index, labels)
+            self._log_mining(labels, candidates.labels, mined12, mined21)
         probe_loss = F.cross_entropy(self.linear_probe(features[:b].detach()), labels, ignore_index=-1)
         if not self.in_batch:
-            self._pending = (torch.cat([k1, k2]), torch.cat([index, index]), torch.cat([labels, labels]))
+            self._pending = (torch.cat([k1, k2]).detach(), torch.cat([index, index]), torch.cat([labels, labels]))
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         self.log("train/linear_loss", probe_loss, sync_dist=True)
