@@ -29,7 +29,9 @@ def backbone_state_dict(module: MCLModule, encoder: str = "query") -> dict[str, 
     if encoder not in ("query", "key"):
         raise EvalError(f"encoder must be 'query' or 'key', got {encoder!r}")
     if encoder == "key" and module.key_backbone is None:
-        raise EvalError("encoder=key: this checkpoint has no key encoder (model.candidates=batch trains one encoder); use encoder=query")
+        raise EvalError(
+            "encoder=key: this checkpoint has no key encoder (model.candidates=batch and model.key_encoder=online train one encoder); use encoder=query"
+        )
     backbone = module.backbone if encoder == "query" else module.key_backbone
     return {name: t.detach().cpu().clone() for name, t in backbone.state_dict().items()}
 

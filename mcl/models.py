@@ -52,20 +52,25 @@ class WidthResNet(ResNet):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
 
-def mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int, last_bn: bool = True, bn: bool = True) -> nn.Sequential:
-    """Linear-BN-ReLU blocks, then a last Linear (+ BN without affine, as in MoCo v3).
+LAST_BN = ("none", "plain", "affine")
 
-    bn=False: Linear-ReLU blocks and a last Linear, every Linear with a bias (MoCo v2's head:
-    2 layers, 2048 hidden, no batch norm); last_bn is then ignored.
+
+def mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int, last_bn: str = "plain", bn: bool = True) -> nn.Sequential:
+    """Linear(-BN)-ReLU blocks, then a last Linear followed by nothing (last_bn="none"), by a BN without
+    affine ("plain": MoCo v3, SNCLR) or by a BN with a learnable scale and shift ("affine": NNCLR).
+
+    bn=False: no BN in the hidden blocks, every hidden Linear with a bias (MoCo v2's head: 2 layers,
+    2048 hidden, last_bn="none").
     """
+    if last_bn not in LAST_BN:
+        raise ValueError(f"model.proj_last_bn / model.pred_last_bn must be one of {LAST_BN}, got {last_bn!r}")
     layers: list[nn.Module] = []
     dim = in_dim
     for _ in range(num_layers - 1):
         norm = [nn.BatchNorm1d(hidden_dim)] if bn else []
         layers += [nn.Linear(dim, hidden_dim, bias=not bn), *norm, nn.ReLU(inplace=True)]
         dim = hidden_dim
-    last_bn = last_bn and bn
-    layers.append(nn.Linear(dim, out_dim, bias=not last_bn))
-    if last_bn:
-        layers.append(nn.BatchNorm1d(out_dim, affine=False))
+    layers.append(nn.Linear(dim, out_dim, bias=last_bn == "none"))
+    if last_bn != "none":
+        layers.append(nn.BatchNorm1d(out_dim, affine=last_bn == "affine"))
     return nn.Sequential(*layers)

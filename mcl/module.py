@@ -11,6 +11,8 @@ The candidates (where mined positives and negatives come from) are, with `model.
            contains that step's keys.
     batch  both views' projections of the global batch, with gradient, one encoder, no bank
            (SimCLR's NT-Xent: the query's own two views are excluded as its own image).
+    neighbours  the batch's keys and their top-k bank neighbours, with NNCLR's or SNCLR's loss
+           (mcl.neighbours, knobs under model.neighbours); the mining strategies stay none/all.
 Batch norm (mcl.batchnorm): the views go through the encoders as separate batches, every backbone
 BN normalises `model.bn_splits` groups apart, and the key batch is shuffled across the global
 batch before the key encoder (`model.shuffle_bn`): a query and its key never share BN statistics.
@@ -39,6 +41,7 @@ from mcl.mining.base import MiningContext, NegativeSelection, PositiveSelection,
 from mcl.mining.diagnostics import mining_diagnostics
 from mcl.models import mlp
 from mcl.monitors import knn_predict, topk_accuracy
+from mcl.neighbours import NeighbourContrast
 
 
 def momentum_at(base: float, progress: float, schedule: str) -> float:
@@ -107,22 +110,33 @@ class MCLModule(L.LightningModule):
         self.separate_views = self.bn_splits > 1 or model.get("shuffle_bn", False)  # False: the old one-batch shortcut
         self.backbone = split_batchnorm(hydra.utils.instantiate(backbone), self.bn_splits)
         dim = self.backbone.out_dim
-        self.projector = mlp(dim, model["proj_hidden"], model["proj_out"], model["proj_layers"], bn=model.get("proj_bn", True))
-        self.predictor = (
-            mlp(model["proj_out"], model["pred_hidden"], model["proj_out"], 2, last_bn=False) if model["predictor"] else nn.Identity()
+        # checkpoints written before an option existed get the value that rebuilds their architecture
+        self.projector = mlp(
+            dim, model["proj_hidden"], model["proj_out"], model["proj_layers"], model.get("proj_last_bn", "plain"), model.get("proj_bn", True)
         )
-        candidates = model.get("candidates", "bank")  # checkpoints written before the option hold a bank
-        if candidates not in ("bank", "batch"):
-            raise ValueError(f"model.candidates must be 'bank' (MoCo) or 'batch' (SimCLR), got {candidates!r}")
+        self.predictor = (
+            mlp(model["proj_out"], model["pred_hidden"], model["proj_out"], 2, model.get("pred_last_bn", "none"))
+            if model["predictor"]
+            else nn.Identity()
+        )
+        candidates = model.get("candidates", "bank")
+        if candidates not in ("bank", "batch", "neighbours"):
+            raise ValueError(f"model.candidates must be 'bank' (MoCo), 'batch' (SimCLR) or 'neighbours' (NNCLR, SNCLR), got {candidates!r}")
+        if model.get("key_encoder", "ema") not in ("ema", "online"):
+            raise ValueError(f"model.key_encoder must be 'ema' or 'online', got {model['key_encoder']!r}")
         self.in_batch = candidates == "batch"
-        self.shuffle_bn = model.get("shuffle_bn", False) and not self.in_batch  # in-batch: no key encoder to shuffle for
-        self.key_backbone = None if self.in_batch else copy.deepcopy(self.backbone).requires_grad_(False)
-        self.key_projector = None if self.in_batch else copy.deepcopy(self.projector).requires_grad_(False)
+        self.neighbours = NeighbourContrast(**model["neighbours"]) if candidates == "neighbours" else None
+        online_keys = self.in_batch or model.get("key_encoder", "ema") == "online"
+        self.shuffle_bn = model.get("shuffle_bn", False) and not online_keys  # online keys: no key encoder to shuffle for
+        self.key_backbone = None if online_keys else copy.deepcopy(self.backbone).requires_grad_(False)
+        self.key_projector = None if online_keys else copy.deepcopy(self.projector).requires_grad_(False)
         self.bank = None if self.in_batch else MemoryBank(model["queue_size"], model["proj_out"])
         self.positive = hydra.utils.instantiate(mining["positive"])
         self.negative = hydra.utils.instantiate(mining["negative"])
         if not self.in_batch:  # bad knobs fail here, before training; in-batch: at setup, when the batch is known
             self.validate_mining(model["queue_size"], f"model.queue_size={model['queue_size']}")
+        if self.neighbours is not None:
+            self.neighbours.validate(model["queue_size"])
         self.num_classes = num_classes
         self.linear_probe = nn.Linear(dim, num_classes)
         self.val_linear_top1 = MulticlassAccuracy(num_classes, top_k=1, ignore_index=-1)
@@ -166,8 +180,9 @@ class MCLModule(L.LightningModule):
         """Backbone features (B x out_dim), what evaluation and export use."""
         return self.backbone(self._images(x))
 
-    def encode(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-        """Backbone features of view 1 (B x out_dim), queries [q1, q2] and keys [k1, k2] (B x D each, normalised).
+    def encode(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """Backbone features of view 1 (B x out_dim), projections [z1, z2], queries [q1, q2] and keys [k1, k2]
+        (B x D each; queries and keys normalised).
 
         Each view is its own batch for each encoder (unless bn_splits=1 and shuffle_bn=false); the
         key encoder sees a shuffled slice of the global batch when shuffle_bn is on.
@@ -176,21 +191,21 @@ class MCLModule(L.LightningModule):
         features = encode_views(self.backbone, views, self.separate_views)  # [B x out_dim] x 2
         z = encode_views(self.projector, features, self.separate_views)  # [B x D] x 2
         queries = [F.normalize(t, dim=1) for t in encode_views(self.predictor, z, self.separate_views)]
-        if self.in_batch:  # one encoder: the keys are the online projections, with gradient
-            return features[0], queries, [F.normalize(t, dim=1) for t in z]
+        if self.key_backbone is None:  # one encoder: the keys are the online projections, with gradient
+            return features[0], z, queries, [F.normalize(t, dim=1) for t in z]
         with torch.no_grad():
             key_encoder = lambda x: self.key_projector(self.key_backbone(x))  # noqa: E731
             if self.shuffle_bn:
                 broadcast = (lambda t: self.all_gather(t)[0]) if self.world_size > 1 else (lambda t: t)  # rank 0's, on every device
                 key_encoder = functools.partial(shuffled, key_encoder, gather=self.gather, broadcast=broadcast, rank=self.global_rank)
             keys = [F.normalize(t, dim=1) for t in encode_views(key_encoder, views, self.separate_views)]
-        return features[0], queries, keys
+        return features[0], z, queries, keys
 
     @torch.no_grad()
     def _update_key_encoder(self) -> None:
         """EMA of the key encoder's parameters, once per optimizer step (at its first micro-batch, before the
         keys are encoded, as the lab's MoCo). Its batch-norm statistics are its own, from its own forwards."""
-        if self.in_batch or self._ema_step == self.global_step:
+        if self.key_backbone is None or self._ema_step == self.global_step:
             return
         self._ema_step = self.global_step
         m = momentum_at(self.cfg_model["momentum"], self.progress, self.cfg_model["momentum_schedule"])
@@ -271,12 +286,20 @@ class MCLModule(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x1, x2, index, labels = batch
         self._update_key_encoder()
-        features1, (q1, q2), (k1, k2) = self.encode(x1, x2)  # B x out_dim; B x D each
-        loss, candidates, mined12, mined21 = self.symmetric_loss(q1, q2, k1, k2, index, labels)
-        self._log_mining(labels, candidates.labels, mined12, mined21)
+        features1, (z1, z2), (q1, q2), (k1, k2) = self.encode(x1, x2)  # B x out_dim; B x D each
+        if self.neighbours is not None:  # NNCLR / SNCLR: in-batch keys and their bank neighbours, in float32
+            with torch.autocast(x1.device.type, enabled=False):
+                views = ((q1, z1, k2), (q2, z2, k1))
+                views = tuple(tuple(t.float() if t.element_size() < 4 else t for t in v) for v in views)  # bf16/fp16 to float32
+                loss, stats = self.neighbours(views, self.bank, index, labels, self.cfg_model["temperature"])
+            for name, value in stats.items():
+                self.log(f"mining/{name}", value, on_step=True, on_epoch=True, batch_size=x1.shape[0])
+        else:
+            loss, candidates, mined12, mined21 = self.symmetric_loss(q1, q2, k1, k2, index, labels)
+            self._log_mining(labels, candidates.labels, mined12, mined21)
         probe_loss = F.cross_entropy(self.linear_probe(features1.detach()), labels, ignore_index=-1)
         if not self.in_batch:
-            self._pending = (k2, index, labels)  # one key an image: view 2's, as the lab enqueues the keys of q1 -> k2
+            self._pending = (k2.detach(), index, labels)  # one key an image: view 2's, as the lab enqueues the keys of q1 -> k2
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         if self._trainer is not None:
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])

@@ -54,8 +54,10 @@ def check_config(cfg: DictConfig, world_size: int) -> None:
                     f"model.candidates=batch contrasts each query with its own two views too: "
                     f"mining.{side}.exclude_self must stay true, got false"
                 )
+    if cfg.model.candidates == "neighbours":
+        check_neighbours(cfg)
     keys_per_step = cfg.data.batch_size * world_size
-    if cfg.model.candidates == "bank" and cfg.model.queue_size % keys_per_step:
+    if cfg.model.candidates != "batch" and cfg.model.queue_size % keys_per_step:
         raise ConfigError(
             f"model.queue_size={cfg.model.queue_size} must be a multiple of the keys enqueued per step, one key an image: "
             f"data.batch_size={cfg.data.batch_size} x {world_size} device(s) = {keys_per_step}"
@@ -79,6 +81,23 @@ def check_batchnorm(cfg: DictConfig) -> None:
         raise ConfigError(
             "trainer.sync_batchnorm=true normalises the global batch at once, which undoes model.bn_splits and model.shuffle_bn "
             "(MoCo uses no SyncBN): set trainer.sync_batchnorm=false, or model.bn_splits=1 model.shuffle_bn=false"
+        )
+
+
+def check_neighbours(cfg: DictConfig) -> None:
+    """model.candidates=neighbours: its rule picks positives and negatives, and there is no mining to draw."""
+    chosen = {side: str(cfg.mining[side]._target_).rsplit(".", 1)[-1] for side in ("positive", "negative")}
+    if chosen != {"positive": "NoPositives", "negative": "AllNegatives"}:
+        raise ConfigError(
+            f"model.candidates=neighbours takes its positives and negatives from model.neighbours.rule "
+            f"({cfg.model.neighbours.rule}); the mining strategies run on the MoCo bank only: set "
+            f"mining.positive=none mining.negative=all (got {chosen['positive']}, {chosen['negative']}), "
+            f"or model.candidates=bank to mine inside MoCo"
+        )
+    if any(t.endswith("MiningPanel") for t in callback_targets(cfg)):
+        raise ConfigError(
+            "callbacks.mining_panel draws what the mining strategies pick, and model.candidates=neighbours "
+            "replaces them: remove it with ~callbacks.mining_panel (experiment=nnclr and snclr do)"
         )
 
 

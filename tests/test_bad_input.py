@@ -51,7 +51,11 @@ def build_with(tmp_path: Path, *overrides: str):
         (["auto_resume=true", "callbacks=none"], ConfigError, r"auto_resume=true .* no callback writes any"),
         (["ckpt_path=/nonexistent/last.ckpt"], CheckpointError, r"ckpt_path=/nonexistent/last.ckpt: no such file"),
         (["trainer.precision=17"], ValueError, r"[Pp]recision .*17"),
-        (["model.candidates=queue", "callbacks=none"], ValueError, r"model.candidates must be 'bank' \(MoCo\) or 'batch' \(SimCLR\)"),
+        (
+            ["model.candidates=queue", "callbacks=none"],
+            ValueError,
+            r"model.candidates must be 'bank' \(MoCo\), 'batch' \(SimCLR\) or 'neighbours' \(NNCLR, SNCLR\)",
+        ),
         (["model.candidates=batch"], ConfigError, r"callbacks.mining_panel draws the bank's neighbours, .* ~callbacks.mining_panel"),
         (["experiment=simclr", "mining.negative.exclude_self=false"], ConfigError, r"mining.negative.exclude_self must stay true"),
     ],

@@ -167,8 +167,9 @@ def test_the_papers_pair_equals_soft_hard_targets_over_the_gradient_band():
 
 def test_nn_rule_equals_nnclr_inside_moco():
     """NNCLR's rule: the nearest bank neighbour n_i of k_i (own image excluded) is the only positive and
-    the candidates are the bank (own image excluded): k_i is no candidate."""
-    module = module_for(["experiment=nnclr"])
+    the candidates are the bank (own image excluded): k_i is no candidate. (experiment=nnclr is NNCLR
+    itself, in-batch: test_neighbours.)"""
+    module = module_for(["mining.positive=nn"])
     q, k, c = awkward_batch(seed=7)
     tau = module.cfg_model["temperature"]
     nn = [neighbours(k[i], c, i, 1)[0][0] for i in range(B)]

@@ -171,21 +171,21 @@ def test_a_query_and_its_key_are_normalised_in_different_groups(tmp_path):
     module = moco_module(tmp_path, "model.bn_splits=4")  # groups of 4 images
     x1, x2 = images(1), images(2)
     for j in range(4):
-        query = group_of(lambda v: module.encode(v, x2)[1][0], x1, j)  # q1: view 1 through the online encoder
-        key = group_of(lambda v: module.encode(x1, v)[2][1], x2, j)  # k2, its positive: view 2 through the key encoder
+        query = group_of(lambda v: module.encode(v, x2)[2][0], x1, j)  # q1: view 1 through the online encoder
+        key = group_of(lambda v: module.encode(x1, v)[3][1], x2, j)  # k2, its positive: view 2 through the key encoder
         assert query == {i for i in range(B) if i % 4 == j % 4}  # 4 images, one group of the query batch
         assert len(key) == 4 and key != query  # a group of the shuffled key batch: other images
-        assert group_of(lambda v: module.encode(v, x2)[1][1], x1, j) == set()  # q2 never sees view 1: separate batches
+        assert group_of(lambda v: module.encode(v, x2)[2][1], x1, j) == set()  # q2 never sees view 1: separate batches
 
 
 def test_bn_splits_1_without_shuffle_is_the_former_one_batch_encoder(tmp_path):
-    module = moco_module(tmp_path, "model.bn_splits=1", "model.shuffle_bn=false", "model.proj_layers=3", "model.proj_bn=true")
+    module = moco_module(tmp_path, "model.bn_splits=1", "model.shuffle_bn=false", "model.proj_layers=3", "model.proj_bn=true", "model.proj_last_bn=plain")
     assert not any(isinstance(m, SplitBatchNorm) for m in module.modules()) and not module.separate_views
     x1, x2 = images(1), images(2)
-    _, (q1, q2), (k1, k2) = module.encode(x1, x2)
+    _, _, (q1, q2), (k1, k2) = module.encode(x1, x2)
     z = F.normalize(module.projector(module.backbone(torch.cat([x1, x2]))), dim=1)  # both views in one BN batch
     torch.testing.assert_close(torch.cat([q1, q2]), z)
-    assert group_of(lambda v: module.encode(v, x2)[1][0], x1, 0) == set(range(B))
+    assert group_of(lambda v: module.encode(v, x2)[2][0], x1, 0) == set(range(B))
 
 
 def test_split_batchnorm_is_batchnorm_in_eval_and_keeps_torchvision_names(tmp_path):
