@@ -288,12 +288,12 @@ class MCLModule(L.LightningModule):
         """Logs val/knn_top1, val/knn_top5 and val/linear_top1 on the test split, with
         val/knn_memory_size (training images that voted) and val/knn_queries (test images scored):
         fewer than the splits hold when trainer.limit_val_batches < 1."""
-        parts, self._eval_feats, self._eval_labels = (self._eval_feats, self._eval_labels), [[], []], [[], []]
-        linear, self._linear_pred = self._linear_pred, []
-        if not all(parts[0]):  # a split without batches (e.g. limit_val_batches=0)
+        feats, labels, linear = self._eval_feats, self._eval_labels, self._linear_pred  # [train split, test split] each
+        self._eval_feats, self._eval_labels, self._linear_pred = [[], []], [[], []], []
+        if not (feats[0] and feats[1]):  # a split without batches (e.g. limit_val_batches=0)
             return
-        memory, memory_labels = self._whole_split([parts[0][0], parts[1][0]], 0)  # N x D, N
-        query, query_labels, linear = self._whole_split([parts[0][1], parts[1][1], linear], 1)  # Q x D, Q, Q
+        memory, memory_labels = self._whole_split([feats[0], labels[0]], 0)  # N x D, N
+        query, query_labels, linear = self._whole_split([feats[1], labels[1], linear], 1)  # Q x D, Q, Q
         voters = memory_labels >= 0  # unlabelled images (STL-10) cannot vote
         k, t = self.cfg_monitor["knn_k"], self.cfg_monitor["knn_t"]
         scores = knn_predict(query, memory[voters], memory_labels[voters], self.num_classes, k, t)  # Q x C

@@ -16,10 +16,11 @@ from torch.utils.data import DistributedSampler
 from mcl.eval.common import datamodule_for, extract_features, load_checkpoint
 from mcl.monitors import knn_predict, topk_accuracy, unpad_distributed
 from mcl.reliability import CONFIG_KEY, CheckpointError, run_changes
-from mcl.train import CONF_DIR, build, resume_in_run_dir, train
+from mcl.train import CONF_DIR, build, print_summary, resume_in_run_dir, train
 
 EVAL_BATCH = 128  # with limit_val_batches=1: the first 128 images of each split
 RUN = [*MICRO, "logger=csv", "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "seed=0"]
+PERIODIC = "callbacks.model_checkpoint.every_n_epochs=1"  # a kept checkpoint after every epoch
 
 
 # --- DDP padding ----------------------------------------------------------------------------
@@ -49,7 +50,7 @@ def test_unpad_distributed_refuses_a_shuffled_sampler():
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("monitors") / "run"
-    return out, train(make_cfg(RUN, out))
+    return out, train(make_cfg([*RUN, PERIODIC], out))
 
 
 def test_partial_monitor_pass_says_how_many_images_voted_and_matches_an_offline_knn(tiny_run):
@@ -69,24 +70,18 @@ def test_partial_monitor_pass_says_how_many_images_voted_and_matches_an_offline_
 
 def test_summary_names_the_final_values_and_each_checkpoint(tiny_run, capsys):
     out, summary = tiny_run
-    from mcl.train import print_summary
-
     print_summary(summary)
     text = capsys.readouterr().out
     assert "final monitors, after 1 epoch(s) / 2 steps, on the test split (logged only: no checkpoint is chosen by them)" in text
     total_v, total_q = summary["knn_memory_total"], summary["knn_queries_total"]
     assert f"128 of {total_v} training images voted for 128 of {total_q} test images  (trainer.limit_val_batches=1" in text
     assert f"last checkpoint:   {out / 'checkpoints' / 'last.ckpt'}  (the final weights)" in text
+    assert f"kept checkpoints:  {out / 'checkpoints' / 'epoch000.ckpt'}" in text
     assert " -" not in text and "best" not in text
-    # no checkpoint is chosen by a monitor: last.ckpt only (the periodic one comes every 50 epochs)
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.ckpt"] and summary["kept_checkpoints"] == []
-
-
-def test_periodic_checkpoints_are_kept_and_listed(tmp_path):
-    summary = train(make_cfg([*RUN, "logger=none", "trainer.max_epochs=2", "callbacks.model_checkpoint.every_n_epochs=1"], tmp_path / "r"))
-    folder = tmp_path / "r" / "checkpoints"
-    assert summary["kept_checkpoints"] == [str(folder / "epoch000.ckpt"), str(folder / "epoch001.ckpt")]
-    assert summary["last_checkpoint"] == str(folder / "last.ckpt")
+    # no checkpoint is chosen by a monitor: last.ckpt and the periodic one
+    folder = out / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch000.ckpt", "last.ckpt"]
+    assert summary["kept_checkpoints"] == [str(folder / "epoch000.ckpt")] and summary["last_checkpoint"] == str(folder / "last.ckpt")
     saved = torch.load(folder / "epoch000.ckpt", weights_only=True)
     assert saved["epoch"] == 0 and saved[CONFIG_KEY]["mining"]["negative"]["_target_"].endswith("AllNegatives")
 
