@@ -227,9 +227,10 @@ def print_summary(summary: dict[str, Any]) -> None:
 
 
 def resume_in_run_dir(args: list[str]) -> list[str]:
-    """The Hydra override that makes `ckpt_path=X` continue in X's run dir (the folder of the
-    config_resolved.yaml beside X or one level up); none when the command names its own run dir
-    (hydra.run.dir= or paths.output_dir=), is a multirun, or X has no run dir."""
+    """The Hydra overrides that make `ckpt_path=X` continue in X's run dir (the folder of the
+    config_resolved.yaml beside X or one level up), recording this command in .hydra/resumed/; none
+    when the command names its own run dir (hydra.run.dir= or paths.output_dir=), is a multirun,
+    or X has no run dir."""
     given = dict(a.lstrip("+").split("=", 1) for a in args if "=" in a and not a.startswith("-"))
     ckpt = given.get("ckpt_path", "null").strip("'\"")
     if ckpt == "null" or {"-m", "--multirun"} & set(args) or {"hydra.run.dir", "paths.output_dir"} & given.keys():
@@ -238,7 +239,7 @@ def resume_in_run_dir(args: list[str]) -> list[str]:
         run_dir = find_run_config(Path(ckpt)).parent.resolve()
     except EvalError:
         return []
-    return [f"hydra.run.dir='{run_dir}'"]
+    return [f"hydra.run.dir='{run_dir}'", "hydra.output_subdir=.hydra/resumed"]  # the run's own .hydra/ (read by mcl.report) stays
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")

@@ -121,7 +121,8 @@ def test_resume_with_other_mining_is_refused_with_the_diff_and_runs_with_the_fla
 def test_resume_in_run_dir_points_hydra_at_the_checkpoints_run(tiny_run, tmp_path):
     out = tiny_run[0]
     ckpt = out / "checkpoints" / "last.ckpt"
-    assert resume_in_run_dir([f"ckpt_path={ckpt}", "trainer.max_epochs=3"]) == [f"hydra.run.dir='{out.resolve()}'"]
+    resumed = resume_in_run_dir([f"ckpt_path={ckpt}", "trainer.max_epochs=3"])
+    assert resumed == [f"hydra.run.dir='{out.resolve()}'", "hydra.output_subdir=.hydra/resumed"]
     assert resume_in_run_dir([f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path}"]) == []  # a run dir of its own wins
     assert resume_in_run_dir(["-m", f"ckpt_path={ckpt}"]) == [] and resume_in_run_dir(["seed=1"]) == []
     assert resume_in_run_dir([f"ckpt_path={tmp_path / 'x.ckpt'}"]) == []  # no run dir found: Hydra's default
@@ -136,6 +137,8 @@ def test_resumed_cli_run_continues_in_the_checkpoints_run_dir(tmp_path):
     resumed = run_cli([*RUN, f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "trainer.max_epochs=2"], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"output dir:        {run_dir}" in resumed.stdout and not (tmp_path / "outputs").exists()
+    assert "ckpt_path" not in (run_dir / ".hydra" / "overrides.yaml").read_text()  # the run's own record stays
+    assert "ckpt_path" in (run_dir / ".hydra" / "resumed" / "overrides.yaml").read_text()
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
     rows = list(csv.DictReader(open(run_dir / "metrics.csv")))  # the first part's rows are kept, the new ones appended
     assert [r["step"] for r in rows[: len(rows_before)]] == [r["step"] for r in rows_before]
