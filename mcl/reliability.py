@@ -8,8 +8,13 @@ final weights equal an uninterrupted run's bit for bit):
   interrupted epoch already trained on; its state rides in the datamodule's `state_dict`;
 - the augmentations: `SeededItems` draws every item's views from its own seed (also drawn from
   (seed, epoch)), so they do not depend on workers, ranks or where the run was stopped;
+  with data.batched_augment, each rank's view generator is checkpointed (`per_rank`) and continued;
 - the other random streams (torch, numpy, python; one state per rank): `ResumeState` stores
   them in every checkpoint and sets them back when training restarts.
+
+A resumed run is the same run: `RunConfig` stores the resolved config in every checkpoint and
+`check_same_run` refuses a resume whose settings (`RUN_KEYS`) differ, listing them, unless
+`resume_allow_changes=true`; `ResumableCSVLogger` appends to the run's metrics.csv.
 
 Faults: `AtomicCheckpointIO` writes each checkpoint beside its target and renames it into place;
 `ResumeState` saves `last.ckpt` on SIGTERM; `NonFiniteLossGuard` stops the run at the first
@@ -392,6 +397,7 @@ RUN_KEYS = (
     "data.key_view",
     "data.augment",
     "data.batched_augment",
+    "data.seed",
 )
 """The settings that make a run: a checkpoint resumes only with the same ones (resume_allow_changes=true overrides).
 trainer.*, logging, paths, monitors and the loader's speed knobs may change freely."""

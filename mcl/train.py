@@ -216,7 +216,11 @@ def print_summary(summary: dict[str, Any]) -> None:
         )
         lines.append(f"  kNN:             {voters:.0f} of {total_v} training images voted for {queries:.0f} of {total_q} test images{part}")
     last = summary["last_checkpoint"]
-    lines.append(f"last checkpoint:   {last}  (the final weights)" if last else "last checkpoint:   none written (no checkpoint callback)")
+    lines.append(
+        f"last checkpoint:   {last}  (the final weights)"
+        if last
+        else "last checkpoint:   none written (callbacks=none or trainer.fast_dev_run)"
+    )
     kept = summary["kept_checkpoints"]
     lines.append(
         f"kept checkpoints:  {', '.join(kept)}"

@@ -15,7 +15,7 @@ from torch.utils.data import DistributedSampler
 
 from mcl.eval.common import datamodule_for, extract_features, load_checkpoint
 from mcl.monitors import knn_predict, topk_accuracy, unpad_distributed
-from mcl.reliability import CONFIG_KEY, CheckpointError, run_changes
+from mcl.reliability import CONFIG_KEY, CheckpointError, ResumableCSVLogger, run_changes
 from mcl.train import CONF_DIR, build, print_summary, resume_in_run_dir, train
 
 EVAL_BATCH = 128  # with limit_val_batches=1: the first 128 images of each split
@@ -173,3 +173,14 @@ def test_batched_augmentation_stream_resumes_per_rank(tmp_path):
     again.load_state_dict(one.state_dict())
     again.train_dataloader()
     assert len(one.state_dict()["generators"]) == 1 and torch.equal(again.generator.get_state(), one.generator.get_state())
+
+
+def test_csv_logger_of_a_resumed_run_appends_to_its_metrics(tmp_path):
+    first = ResumableCSVLogger(tmp_path, name="", version="")
+    first.log_metrics({"train/loss": 1.0}, step=0)
+    first.save()
+    resumed = ResumableCSVLogger(tmp_path, name="", version="")  # Lightning's CSVLogger would delete metrics.csv here
+    resumed.log_metrics({"train/loss": 2.0, "val/knn_top1": 0.5}, step=1)  # a new column: the header grows
+    resumed.save()
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert [(r["step"], r["train/loss"], r["val/knn_top1"]) for r in rows] == [("0", "1.0", ""), ("1", "2.0", "0.5")]
