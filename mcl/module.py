@@ -32,7 +32,7 @@ import lightning as L
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torchmetrics.classification import MulticlassAccuracy
+from torch.utils.data import DistributedSampler
 
 from mcl.bank import MemoryBank
 from mcl.batchnorm import encode_views, shuffled, split_batchnorm
@@ -40,7 +40,7 @@ from mcl.loss import weighted_infonce
 from mcl.mining.base import MiningContext, NegativeSelection, PositiveSelection, select
 from mcl.mining.diagnostics import mining_diagnostics
 from mcl.models import mlp
-from mcl.monitors import knn_predict, topk_accuracy
+from mcl.monitors import knn_predict, topk_accuracy, unpad_distributed
 from mcl.neighbours import NeighbourContrast
 
 
@@ -139,9 +139,9 @@ class MCLModule(L.LightningModule):
             self.neighbours.validate(model["queue_size"])
         self.num_classes = num_classes
         self.linear_probe = nn.Linear(dim, num_classes)
-        self.val_linear_top1 = MulticlassAccuracy(num_classes, top_k=1, ignore_index=-1)
         self._eval_feats: list[list[torch.Tensor]] = [[], []]
         self._eval_labels: list[list[torch.Tensor]] = [[], []]
+        self._linear_pred: list[torch.Tensor] = []  # the linear probe's class per test image
         self._pending: tuple[torch.Tensor, ...] | None = None  # keys to enqueue after backward
         self._ema_step = -1  # the optimizer step the key encoder was last moved at
         if model["channels_last"]:
@@ -338,23 +338,40 @@ class MCLModule(L.LightningModule):
         self._eval_feats[dataloader_idx].append(feats.float())
         self._eval_labels[dataloader_idx].append(y)
         if dataloader_idx == 1:
-            self.val_linear_top1.update(self.linear_probe(feats), y)
+            self._linear_pred.append(self.linear_probe(feats).argmax(1))  # B
+
+    def _whole_split(self, tensors: list[torch.Tensor], dataloader_idx: int) -> list[torch.Tensor]:
+        """This rank's per-batch tensors -> the split's rows as every rank evaluated them, each image once.
+
+        Under DDP the DistributedSampler pads each split to a multiple of the world size with
+        repeated images; they are dropped here (`unpad_distributed`), so no image votes or is
+        scored twice.
+        """
+        tensors = [torch.cat(t) for t in tensors]
+        sampler = getattr(self.trainer.val_dataloaders[dataloader_idx], "sampler", None)
+        if self.trainer.world_size == 1 or not isinstance(sampler, DistributedSampler):
+            return tensors  # every rank evaluated the whole split itself
+        return [unpad_distributed(t, sampler) for t in self.all_gather(tensors)]  # W x n x ... -> N' x ...
 
     def on_validation_epoch_end(self) -> None:
-        feats = [torch.cat(f) if f else None for f in self._eval_feats]
-        labels = [torch.cat(y) if y else None for y in self._eval_labels]
-        self._eval_feats, self._eval_labels = [[], []], [[], []]
-        self.log("val/linear_top1", self.val_linear_top1.compute(), sync_dist=False)
-        self.val_linear_top1.reset()
-        if feats[0] is None or feats[1] is None:
+        """Logs val/knn_top1, val/knn_top5 and val/linear_top1 on the test split, with
+        val/knn_memory_size (training images that voted) and val/knn_queries (test images scored):
+        fewer than the splits hold when trainer.limit_val_batches < 1."""
+        feats, labels, linear = self._eval_feats, self._eval_labels, self._linear_pred  # [train split, test split] each
+        self._eval_feats, self._eval_labels, self._linear_pred = [[], []], [[], []], []
+        if not (feats[0] and feats[1]):  # a split without batches (e.g. limit_val_batches=0)
             return
-        feats, labels = [self.gather(f) for f in feats], [self.gather(y) for y in labels]
-        memory = labels[0] >= 0  # unlabelled images (STL-10) cannot vote
-        scores = knn_predict(
-            feats[1], feats[0][memory], labels[0][memory], self.num_classes, self.cfg_monitor["knn_k"], self.cfg_monitor["knn_t"]
-        )
-        self.log("val/knn_top1", topk_accuracy(scores, labels[1]), sync_dist=False)
-        self.log("val/knn_top5", topk_accuracy(scores, labels[1], 5), sync_dist=False)
+        memory, memory_labels = self._whole_split([feats[0], labels[0]], 0)  # N x D, N
+        query, query_labels, linear = self._whole_split([feats[1], labels[1], linear], 1)  # Q x D, Q, Q
+        voters = memory_labels >= 0  # unlabelled images (STL-10) cannot vote
+        k, t = self.cfg_monitor["knn_k"], self.cfg_monitor["knn_t"]
+        scores = knn_predict(query, memory[voters], memory_labels[voters], self.num_classes, k, t)  # Q x C
+        scored = query_labels >= 0
+        self.log("val/knn_top1", topk_accuracy(scores[scored], query_labels[scored]), sync_dist=False)
+        self.log("val/knn_top5", topk_accuracy(scores[scored], query_labels[scored], 5), sync_dist=False)
+        self.log("val/linear_top1", (linear[scored] == query_labels[scored]).float().mean(), sync_dist=False)
+        self.log("val/knn_memory_size", float(voters.sum()), sync_dist=False)
+        self.log("val/knn_queries", float(scored.sum()), sync_dist=False)
 
     # --- optimisation -------------------------------------------------------------------
     def configure_optimizers(self):

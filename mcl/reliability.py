@@ -8,8 +8,13 @@ final weights equal an uninterrupted run's bit for bit):
   interrupted epoch already trained on; its state rides in the datamodule's `state_dict`;
 - the augmentations: `SeededItems` draws every item's views from its own seed (also drawn from
   (seed, epoch)), so they do not depend on workers, ranks or where the run was stopped;
+  with data.batched_augment, each rank's view generator is checkpointed (`per_rank`) and continued;
 - the other random streams (torch, numpy, python; one state per rank): `ResumeState` stores
   them in every checkpoint and sets them back when training restarts.
+
+A resumed run is the same run: `RunConfig` stores the resolved config in every checkpoint and
+`check_same_run` refuses a resume whose settings (`RUN_KEYS`) differ, listing them, unless
+`resume_allow_changes=true`; `ResumableCSVLogger` appends to the run's metrics.csv.
 
 Faults: `AtomicCheckpointIO` writes each checkpoint beside its target and renames it into place;
 `ResumeState` saves `last.ckpt` on SIGTERM; `NonFiniteGuard` stops the run at the first
@@ -18,6 +23,7 @@ non-finite loss or gradient, before that step updates the weights or writes a ch
 
 from __future__ import annotations
 
+import csv
 import math
 import os
 import random
@@ -29,9 +35,13 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf import OmegaConf
 from torch.utils.data import Dataset, DistributedSampler
 
 
@@ -149,6 +159,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
 
 
+def per_rank(state: Any, trainer: L.Trainer | None) -> list[Any]:
+    """`state` of every rank, in rank order ([state] in one process). Every rank must call it: checkpoint
+    hooks run on all ranks, and only rank 0's checkpoint dict is written."""
+    if trainer is None or trainer.world_size == 1 or not torch.distributed.is_initialized():
+        return [state]
+    states = [None] * trainer.world_size
+    torch.distributed.all_gather_object(states, state)
+    return states
+
+
 def last_checkpoint_path(trainer: L.Trainer) -> Path:
     ckpt = trainer.checkpoint_callback
     folder = Path(ckpt.dirpath) if ckpt is not None and ckpt.dirpath else Path(trainer.default_root_dir) / "checkpoints"
@@ -168,11 +188,7 @@ class ResumeState(L.Callback):
         self._to_restore: list[dict[str, Any]] | None = None
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        states = [rng_state()]
-        if trainer.world_size > 1 and torch.distributed.is_initialized():
-            states = [None] * trainer.world_size
-            torch.distributed.all_gather_object(states, rng_state())
-        checkpoint["rng_states"] = states  # one per rank
+        checkpoint["rng_states"] = per_rank(rng_state(), trainer)
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         self._to_restore = checkpoint.get("rng_states")
@@ -384,15 +400,115 @@ def find_resume_checkpoint(folder: str | Path, model: torch.nn.Module) -> Path |
     return max(usable)[2] if usable else None
 
 
+# --- logs of a resumed run -----------------------------------------------------------------
+class _AppendingWriter(ExperimentWriter):
+    """Lightning's metrics.csv writer, continuing an existing file (Lightning's deletes it)."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                self.metrics_keys = next(csv.reader(f), [])  # the header: new columns are merged into it
+
+
+class ResumableCSVLogger(CSVLogger):
+    """CSVLogger whose metrics.csv survives a resumed run in the same run dir: new rows are appended."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> _AppendingWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+# --- same run -------------------------------------------------------------------------------
+RUN_KEYS = (
+    "seed",
+    "backbone",
+    "dataset",
+    "mining",
+    "model",
+    "optim",
+    "data.batch_size",
+    "data.key_view",
+    "data.augment",
+    "data.batched_augment",
+    "data.seed",
+)
+"""The settings that make a run: a checkpoint resumes only with the same ones (resume_allow_changes=true overrides).
+trainer.*, logging, paths, monitors and the loader's speed knobs may change freely."""
+FREE_KEYS = ("model.compile", "model.channels_last", "dataset.root", "dataset.download", "dataset.source.root", "dataset.source.download")
+"""Within RUN_KEYS, what changes speed or where files live, not the training itself."""
+CONFIG_KEY = "mcl_config"  # the checkpoint entry holding the run's resolved config
+
+
+class RunConfig(L.Callback):
+    """Stores the run's resolved config (plain containers: loadable with weights_only) in every checkpoint."""
+
+    def __init__(self, config: dict[str, Any]):
+        self.config = config
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CONFIG_KEY] = self.config
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> {"a.b.c": leaf}."""
+    if isinstance(node, dict) and node:
+        return {k: v for key, value in node.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: node}
+
+
+def run_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """`key: old -> new` for every setting under RUN_KEYS (less FREE_KEYS) that differs between two resolved
+    configs; a node whose `_target_` changed (another strategy or backbone) is one line, not one per knob."""
+    old, new = _flat(saved), _flat(current)
+    keys = [k for k in sorted(old.keys() | new.keys()) if any(k == r or k.startswith(r + ".") for r in RUN_KEYS) and k not in FREE_KEYS]
+    changed = [k for k in keys if old.get(k, "<unset>") != new.get(k, "<unset>")]
+    swapped = [k.removesuffix("._target_") for k in changed if k.endswith("._target_")]
+    return [
+        f"{k.removesuffix('._target_')}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}"
+        for k in changed
+        if k.endswith("._target_") or not any(k.startswith(node + ".") for node in swapped)
+    ]
+
+
+def check_same_run(ckpt: dict[str, Any], path: str | Path, config: dict[str, Any], allow_changes: bool) -> None:
+    """CheckpointError listing the RUN_KEYS settings that differ from the checkpoint's run (a warning with allow_changes)."""
+    saved = ckpt.get(CONFIG_KEY)
+    if saved is None:
+        rank_zero_warn(f"{path} holds no training config (an older mcl wrote it): resuming without checking that the settings match")
+        return
+    changes = run_changes(saved, config)
+    if not changes:
+        return
+    listed = "; ".join(changes)
+    if allow_changes:
+        rank_zero_warn(f"resuming {path} with changed settings (resume_allow_changes=true): {listed}")
+        return
+    raise CheckpointError(
+        f"{path} belongs to a run with other settings (checkpoint -> now): {listed}. Resume with the run's own settings "
+        "(its config_resolved.yaml), or set resume_allow_changes=true to continue it with these."
+    )
+
+
 def resume_checkpoint(cfg: Any, model: torch.nn.Module, trainer: L.Trainer) -> str | None:
     """The checkpoint a run resumes from: `ckpt_path` (checked), or with `auto_resume` the one
-    `find_resume_checkpoint` picks in the checkpoint callback's folder (None: a fresh start)."""
+    `find_resume_checkpoint` picks in the checkpoint callback's folder (None: a fresh start).
+    Either must come from a run with the same settings (`check_same_run`)."""
     if cfg.ckpt_path is not None:
-        check_resume_checkpoint(cfg.ckpt_path, model)
-        return str(cfg.ckpt_path)
-    if not cfg.get("auto_resume"):
+        path = Path(cfg.ckpt_path)
+    elif not cfg.get("auto_resume"):
         return None
-    folder = Path(trainer.checkpoint_callback.dirpath)
-    path = find_resume_checkpoint(folder, model)
-    rank_zero_info(f"mcl: auto_resume from {path}" if path else f"mcl: auto_resume found no checkpoint in {folder}; starting from scratch")
-    return None if path is None else str(path)
+    else:
+        folder = Path(trainer.checkpoint_callback.dirpath)
+        path = find_resume_checkpoint(folder, model)
+        rank_zero_info(
+            f"mcl: auto_resume from {path}" if path else f"mcl: auto_resume found no checkpoint in {folder}; starting from scratch"
+        )
+        if path is None:
+            return None
+    config = OmegaConf.to_container(cfg, resolve=True)
+    check_same_run(check_resume_checkpoint(path, model), path, config, bool(cfg.get("resume_allow_changes")))
+    return str(path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -13,8 +14,9 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
 from mcl.data.datamodule import ContrastiveDataModule
+from mcl.eval.common import EvalError, find_run_config
 from mcl.module import MCLModule
-from mcl.reliability import resume_checkpoint
+from mcl.reliability import RunConfig, resume_checkpoint
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -174,9 +176,8 @@ def build(cfg: DictConfig) -> tuple[ContrastiveDataModule, MCLModule, L.Trainer]
     if cfg.seed is not None:
         L.seed_everything(cfg.seed, workers=True)
     wandb_offline_unless_logged_in(cfg)
-    trainer: L.Trainer = hydra.utils.instantiate(
-        cfg.trainer, logger=instantiate_dict(cfg.get("logger")) or False, callbacks=instantiate_dict(cfg.get("callbacks"))
-    )
+    callbacks = [*instantiate_dict(cfg.get("callbacks")), RunConfig(plain(cfg))]  # the resolved config rides in every checkpoint
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=instantiate_dict(cfg.get("logger")) or False, callbacks=callbacks)
     check_config(cfg, trainer.world_size)
     datamodule = ContrastiveDataModule(dataset=plain(cfg.dataset), **plain(cfg.data))
     datamodule.trainer = trainer
@@ -185,12 +186,12 @@ def build(cfg: DictConfig) -> tuple[ContrastiveDataModule, MCLModule, L.Trainer]
     if cfg.auto_resume:  # resolved once here (every DDP process finds the same file); recorded in config_resolved.yaml
         cfg.ckpt_path, cfg.auto_resume = resume_checkpoint(cfg, model, trainer), False
     elif cfg.ckpt_path is not None:
-        resume_checkpoint(cfg, model, trainer)  # readable and of this architecture, before training starts
+        resume_checkpoint(cfg, model, trainer)  # readable, of this architecture and of the same run, before training starts
     return datamodule, model, trainer
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Pre-train; returns the summary (also printed): output dir, best checkpoint, final monitors."""
+    """Pre-train; returns the summary (also printed): output dir, final monitors and what scored them, checkpoints."""
     datamodule, model, trainer = build(cfg)
     out = Path(cfg.paths.output_dir)
     if trainer.is_global_zero:
@@ -210,23 +211,76 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             import wandb
 
             wandb.finish()
-    ckpt = trainer.checkpoint_callback
-    summary["best_checkpoint"] = ckpt.best_model_path if ckpt is not None else None
-    summary["last_checkpoint"] = ckpt.last_model_path if ckpt is not None else None
     summary.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")})
+    summary.update(checkpoint_files(trainer), epochs=trainer.current_epoch, steps=trainer.global_step, interrupted=trainer.interrupted)
+    summary["limit_val_batches"] = trainer.limit_val_batches
+    summary["knn_memory_total"] = int((datamodule.train_images.labels >= 0).sum())  # what a full monitor pass scores
+    summary["knn_queries_total"] = int((datamodule.test_images.labels >= 0).sum())
     if trainer.is_global_zero:
         print_summary(summary)
     return summary
 
 
+def checkpoint_files(trainer: L.Trainer) -> dict[str, Any]:
+    """last_checkpoint: the file with the final weights (None: none written); kept_checkpoints: the
+    other checkpoints in the checkpoint folders (periodic ones, and those of an earlier part of a resumed run)."""
+    folders = {Path(c.dirpath) for c in trainer.checkpoint_callbacks if c.dirpath}
+    last = next((c.last_model_path for c in trainer.checkpoint_callbacks if c.last_model_path), None)
+    kept = sorted(str(f) for d in folders for f in d.glob("*.ckpt") if str(f) != last)
+    return {"last_checkpoint": last, "kept_checkpoints": kept}
+
+
 def print_summary(summary: dict[str, Any]) -> None:
-    lines = [f"output dir:       {summary['output_dir']}", f"best checkpoint:  {summary['best_checkpoint'] or '-'}"]
+    """Which values are final, what scored them, and what each checkpoint file is."""
+    lines = [
+        f"output dir:        {summary['output_dir']}",
+        f"{'last measured monitors (the run was interrupted)' if summary['interrupted'] else 'final monitors'}, "
+        f"after {summary['epochs']} epoch(s) / {summary['steps']} steps, on the test split (logged only: no checkpoint is chosen by them):",
+    ]
     for key in ("val/knn_top1", "val/linear_top1"):
         before = summary.get("initial", {}).get(key)
         start = f"  (before training: {before:.4f})" if before is not None else ""
         value = summary.get(key)
-        lines.append(f"{key + ':':<17} {'-' if value is None else f'{value:.4f}'}{start}")
+        lines.append(f"  {key + ':':<16} {'not measured' if value is None else f'{value:.4f}'}{start}")
+    voters, queries = summary.get("val/knn_memory_size"), summary.get("val/knn_queries")
+    if voters is not None:
+        total_v, total_q = summary["knn_memory_total"], summary["knn_queries_total"]
+        limit = summary["limit_val_batches"]
+        part = (
+            ""
+            if (voters, queries) == (total_v, total_q)
+            else f"  (trainer.limit_val_batches={limit}: part of each split; mcl.eval.knn uses all)"
+        )
+        lines.append(f"  kNN:             {voters:.0f} of {total_v} training images voted for {queries:.0f} of {total_q} test images{part}")
+    last = summary["last_checkpoint"]
+    lines.append(
+        f"last checkpoint:   {last}  (the final weights)"
+        if last
+        else "last checkpoint:   none written (callbacks=none or trainer.fast_dev_run)"
+    )
+    kept = summary["kept_checkpoints"]
+    lines.append(
+        f"kept checkpoints:  {', '.join(kept)}"
+        if kept
+        else "kept checkpoints:  none (periodic ones every callbacks.model_checkpoint.every_n_epochs)"
+    )
     print("\n== mcl summary ==\n" + "\n".join(lines))
+
+
+def resume_in_run_dir(args: list[str]) -> list[str]:
+    """The Hydra overrides that make `ckpt_path=X` continue in X's run dir (the folder of the
+    config_resolved.yaml beside X or one level up), recording this command in .hydra/resumed/; none
+    when the command names its own run dir (hydra.run.dir= or paths.output_dir=), is a multirun,
+    or X has no run dir."""
+    given = dict(a.lstrip("+").split("=", 1) for a in args if "=" in a and not a.startswith("-"))
+    ckpt = given.get("ckpt_path", "null").strip("'\"")
+    if ckpt == "null" or {"-m", "--multirun"} & set(args) or {"hydra.run.dir", "paths.output_dir"} & given.keys():
+        return []
+    try:
+        run_dir = find_run_config(Path(ckpt)).parent.resolve()
+    except EvalError:
+        return []
+    return [f"hydra.run.dir='{run_dir}'", "hydra.output_subdir=.hydra/resumed"]  # the run's own .hydra/ (read by mcl.report) stays
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
@@ -235,4 +289,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv += resume_in_run_dir(sys.argv[1:])  # a resumed run writes into its checkpoint's run dir
     main()

@@ -20,11 +20,11 @@ def test_cli_trains_writes_the_run_dir_and_prints_a_summary(tmp_path, npz_file):
     args = ["debug=tiny", "dataset=npz", f"dataset.path={npz_file}", "trainer.max_epochs=1", f"hydra.run.dir={run_dir}"]
     result = run_cli(args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "== mcl summary ==" in result.stdout and f"output dir:       {run_dir}" in result.stdout
+    assert "== mcl summary ==" in result.stdout and f"output dir:        {run_dir}" in result.stdout
     knn = [float(r["val/knn_top1"]) for r in read_metrics(run_dir) if r.get("val/knn_top1")]
     assert len(knn) == 1 and 0.0 <= knn[0] <= 1.0
     assert (run_dir / "checkpoints" / "last.ckpt").is_file() and (run_dir / "config_resolved.yaml").is_file()
-    assert "best checkpoint:  " + str(run_dir / "checkpoints") in result.stdout
+    assert f"last checkpoint:   {run_dir / 'checkpoints' / 'last.ckpt'}  (the final weights)" in result.stdout
 
 
 def test_unknown_strategy_is_hydras_own_error(tmp_path):

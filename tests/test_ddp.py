@@ -28,7 +28,7 @@ DDP_TINY = [
     f"model.queue_size={QUEUE}",
     "trainer.max_epochs=2",
     "trainer.limit_train_batches=3",
-    "trainer.limit_val_batches=1",
+    "trainer.limit_val_batches=1.0",  # whole splits: the 449 test images are padded to 450 by the sampler
     "trainer.deterministic=true",
     "seed=0",
     "+callbacks.noise._target_=test_resume.NoisyGradients",  # a step that draws from every rank's random streams
@@ -110,9 +110,12 @@ def test_ddp_bank_identical_disjoint_shards_scaled_lr_reduced_metrics(ddp_run):
     assert r0["lr"] == r1["lr"] == pytest.approx(0.06 * 2 * BATCH / 256)
 
     # metrics are reduced across ranks: every rank reports the same value
-    for key in ("train/loss", "val/knn_top1", "val/linear_top1"):
+    for key in ("train/loss", "val/knn_top1", "val/linear_top1", "val/knn_memory_size", "val/knn_queries"):
         assert key in r0["metrics"]
         assert r0["metrics"][key] == r1["metrics"][key], key
+
+    # every image votes or is scored once: the sampler's padding duplicate is dropped
+    assert (r0["metrics"]["val/knn_memory_size"], r0["metrics"]["val/knn_queries"]) == (1348, 449)
 
 
 @pytest.mark.slow

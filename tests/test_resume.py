@@ -194,4 +194,4 @@ def test_auto_resume_picks_the_newest_compatible_checkpoint(tmp_path_factory, tm
 def test_mid_epoch_checkpoint_with_another_batch_size_is_refused(tmp_path_factory, tmp_path):
     ref = uninterrupted(tmp_path_factory)
     with pytest.raises(CheckpointError, match=r"taken mid-epoch with 1 device\(s\) x data.batch_size=16; resuming it with 1 x 8"):
-        run(tmp_path / "resumed", f"ckpt_path={ref / 'kept' / 'step4.ckpt'}", "data.batch_size=8")
+        run(tmp_path / "resumed", f"ckpt_path={ref / 'kept' / 'step4.ckpt'}", "data.batch_size=8", "resume_allow_changes=true")

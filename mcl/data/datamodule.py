@@ -7,11 +7,12 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from mcl.data import batched, transforms
 from mcl.data.sources import DatasetError, Images
-from mcl.reliability import DataOrder, SeededItems
+from mcl.reliability import DataOrder, SeededItems, per_rank
 
 
 class TwoViews(Dataset):
@@ -83,7 +84,7 @@ class ContrastiveDataModule(L.LightningDataModule):
         self.test_images: Images | None = None
         self.order = DataOrder(seed)
         self.generator: torch.Generator | None = None  # batched views' random stream
-        self._generator_state: torch.Tensor | None = None  # from a checkpoint, set when the loader is built
+        self._generator_states: list[torch.Tensor] | None = None  # one per rank, from a checkpoint; set when the loader is built
 
     @property
     def num_classes(self) -> int:
@@ -115,11 +116,14 @@ class ContrastiveDataModule(L.LightningDataModule):
 
     def state_dict(self) -> dict[str, Any]:
         state = self.order.state_dict(self.trainer, self.batch_size)
-        return {**state, "generator": self.generator.get_state()} if self.generator is not None else state
+        if self.generator is None:
+            return state
+        return {**state, "generators": per_rank(self.generator.get_state(), self.trainer)}  # one stream per rank
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.order.load_state_dict(state_dict)
-        self._generator_state = state_dict.get("generator")
+        old = state_dict.get("generator")  # checkpoints that kept rank 0's stream only
+        self._generator_states = state_dict.get("generators", None if old is None else [old])
 
     def _loader(self, dataset: Dataset, batch_size: int, train: bool, collate_fn=None) -> DataLoader:
         sampler = self.order.sampler(dataset, batch_size, self.trainer, with_seeds=not self.batched_augment) if train else None
@@ -145,9 +149,12 @@ class ContrastiveDataModule(L.LightningDataModule):
         loader = self._loader(dataset, self.batch_size, train=True, collate_fn=batched.whole_batch)  # fixes order.seed
         rank = self.trainer.global_rank if self.trainer is not None else 0
         self.generator = torch.Generator().manual_seed(self.order.seed + rank)  # the views follow data.seed, one stream per rank
-        if self._generator_state is not None:  # resumed: continue the stream where the checkpoint left it
-            self.generator.set_state(self._generator_state)
-            self._generator_state = None
+        states, self._generator_states = self._generator_states, None
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if states is not None and len(states) == world:  # resumed: each rank continues its stream where the checkpoint left it
+            self.generator.set_state(states[rank])
+        elif states is not None:
+            rank_zero_warn(f"the checkpoint holds the augmentation streams of {len(states)} rank(s), this run has {world}: restarted")
         return loader
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
