@@ -3,16 +3,22 @@ speed options users expect (channels_last, bf16 mixed precision, torch.compile) 
 
 from __future__ import annotations
 
+import csv
 from collections import Counter
 from pathlib import Path
 
 import hydra
+import lightning as L
 import pytest
 import torch
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
-from mcl.mining.diagnostics import mining_diagnostics
+from mcl.bank import MemoryBank
+from mcl.mining.base import MiningContext, NoPositives
+from mcl.mining.diagnostics import MiningMeter, diagnostic_sums, mining_diagnostics
+from mcl.mining.negative import GradientBandNegatives
+from mcl.mining.positive import NeighbourPositives
 from mcl.train import CONF_DIR, build
 
 SMALL = ["debug=tiny", "logger=none", "callbacks=none", "dataset=digits", "trainer.max_epochs=1", "trainer.limit_train_batches=2"]
@@ -105,28 +111,106 @@ class HostReads(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_a_mining_step_reads_the_device_once_per_direction(cfg_factory):
-    """Every pair of strategies: a loss direction, its diagnostics, the backward and the enqueue wait for
-    the device once (the diagnostics' counts, read together): a GPU step is not held up by host reads."""
+def test_a_mining_step_never_reads_the_device(cfg_factory):
+    """Every pair of strategies: both loss directions, their diagnostics (accumulated on the device),
+    the backward and the enqueue make the host wait for the device zero times, from an empty bank
+    (`is_full` is counted on the host) to a full one."""
     _, model, _ = build(cfg_factory([*SMALL, "model.queue_size=1024"]))
-    bank = model.bank
-    bank.enqueue(F.normalize(torch.randn(1024, 128), dim=1), torch.arange(1024) % 97, torch.arange(1024) % 10)
-    assert bank.is_full  # read once, before the step
+    bank, meter = model.bank, model.mining_meter
     node = {(side, name): cfg_factory([*SMALL, f"mining.{side}={name}"]).mining[side] for side in SIDES for name in strategies(side)}
+    labels = torch.arange(8) % 10
     for positive in strategies("positive"):
         for negative in strategies("negative"):
             model.positive = hydra.utils.instantiate(node["positive", positive])
             model.negative = hydra.utils.instantiate(node["negative", negative])
-            q, k = (F.normalize(torch.randn(8, 128), dim=1) for _ in range(2))
-            with HostReads() as mode:
-                loss, ctx, pos, neg = model.contrast(q.requires_grad_(True), k, torch.arange(8) % 97)
-                mining_diagnostics(ctx, pos, neg, torch.arange(8) % 10, bank.labels)
-                loss.backward()
-                bank.enqueue(k.repeat(2, 1), torch.arange(16), torch.arange(16))
-            assert mode.reads == ["tolist"], f"{positive}+{negative}: {mode.reads}"
-    with HostReads() as mode:  # the census can fail
+            for fill in (False, True):  # warm-up (bank filling), then mining
+                bank.load_state_dict(MemoryBank(1024, 128).state_dict())
+                if fill:
+                    bank.enqueue(F.normalize(torch.randn(1024, 128), dim=1), torch.arange(1024) % 97, torch.arange(1024) % 10)
+                q1, q2, k1, k2 = (F.normalize(torch.randn(8, 128), dim=1) for _ in range(4))
+                with HostReads() as mode:
+                    loss, _, *directions = model.symmetric_loss(q1.requires_grad_(True), q2.requires_grad_(True), k1, k2, labels, labels)
+                    meter.update(*(diagnostic_sums(ctx, pos, neg, labels, bank.labels) for ctx, pos, neg in directions))
+                    loss.backward()
+                    bank.enqueue(torch.cat([k1, k2]), torch.arange(16), torch.arange(16))
+                assert mode.reads == [], f"{positive}+{negative} (bank full: {fill}): {mode.reads}"
+                assert bank.is_full == fill
+    with HostReads() as mode:  # the census can fail: the one-read diagnostics, and reads of every kind
+        mining_diagnostics(*directions[0], labels, bank.labels)
         bool(bank.keys.any()), bank.keys[bank.labels > 0], int(bank.ptr)
-    assert mode.reads == ["__bool__", "__getitem__", "__int__"]
+    assert mode.reads == ["tolist", "__bool__", "__getitem__", "__int__"]
+
+
+class StepCensus(L.Callback):
+    """The host reads of each training batch (training_step, backward, enqueue, optimizer), and whether Lightning logs it."""
+
+    def __init__(self):
+        self.steps: list[tuple[bool, list[str]]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.logs = trainer._logger_connector.should_update_logs
+        self.mode = HostReads().__enter__()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.mode.__exit__(None, None, None)
+        self.steps.append((self.logs, self.mode.reads))
+
+
+@pytest.mark.parametrize("experiment", ["moco_v2", "paper_cifar10"])
+def test_a_training_step_reads_the_device_only_when_it_logs(cfg_factory, experiment):
+    """A real fit (callbacks=none but conf/callbacks/default.yaml's progress bar; the non-finite guard is a
+    callback with its own read, counted apart): no host read
+    in a step that does not log, also while the bank fills and the mining warm-up ends (bank of 32 =
+    two steps of 16 keys); the logging steps read the diagnostics. Their logged means are those of
+    the steps: the epoch mean equals the mean of the two interval means (two steps each)."""
+    overrides = [*SMALL, f"experiment={experiment}", "model.queue_size=32", "trainer.limit_train_batches=4", "trainer.log_every_n_steps=2"]
+    cfg = cfg_factory([*overrides, "logger=csv"])
+    cfg.callbacks = {"progress_bar": cfg_factory([*overrides, "callbacks=default"]).callbacks.progress_bar}  # the bar users get
+    datamodule, model, trainer = build(cfg)
+    census = StepCensus()
+    trainer.callbacks.append(census)
+    trainer.fit(model, datamodule)
+    assert [logs for logs, _ in census.steps] == [False, True, False, True]
+    assert [reads for logs, reads in census.steps if not logs] == [[], []]
+    assert all("tolist" in reads for logs, reads in census.steps if logs)  # the census sees the logging steps' read
+    (metrics,) = list(Path(trainer.log_dir).rglob("metrics.csv"))
+    rows = list(csv.DictReader(metrics.open()))
+    for name in ("neg_kept", "neg_grad_share_kept", "neg_sim_kept"):
+        steps = [float(r[f"mining/{name}_step"]) for r in rows if r.get(f"mining/{name}_step")]
+        (epoch,) = [float(r[f"mining/{name}_epoch"]) for r in rows if r.get(f"mining/{name}_epoch")]
+        assert len(steps) == 2 and epoch == pytest.approx(sum(steps) / 2, rel=1e-6)
+
+
+def test_accumulated_diagnostics_are_the_means_of_the_step_values():
+    """MiningMeter's interval and epoch means are the means over steps of 0.5 * (direction 1 + direction 2)
+    of `mining_diagnostics`, counting a step only where both directions define the diagnostic."""
+    torch.manual_seed(0)
+    meter, bank_labels = MiningMeter(), torch.arange(64) % 5
+    expected: list[dict[str, torch.Tensor]] = []
+    for step in range(3):
+        directions = []
+        for _ in range(2):
+            q, k, bank = (F.normalize(torch.randn(n, 16), dim=1) for n in (6, 6, 64))
+            ctx = MiningContext(q, k, bank, q @ bank.T, torch.arange(64), torch.arange(6), 0.2)
+            pos = (
+                NeighbourPositives(topk=3, lam=0.5, soft=True, hard_rule="above_mean")(ctx) if step else NoPositives()(ctx)
+            )  # step 0: purity undefined
+            neg = GradientBandNegatives(start=0.1, end=0.5)(ctx)
+            query_labels = torch.arange(6) % 5 if step < 2 else torch.full((6,), -1)  # step 2: unlabelled queries
+            directions.append((ctx, pos, neg, query_labels))
+        stats = [mining_diagnostics(ctx, pos, neg, y, bank_labels) for ctx, pos, neg, y in directions]
+        expected.append({n: 0.5 * (stats[0][n] + stats[1][n]) for n in stats[0].keys() & stats[1].keys()})
+        meter.update(*(diagnostic_sums(ctx, pos, neg, y, bank_labels) for ctx, pos, neg, y in directions))
+        if step == 1:
+            interval = meter.read("interval")
+            means = {n: torch.stack([e[n] for e in expected if n in e]).mean().item() for n in set().union(*expected)}
+            assert interval == pytest.approx(means, rel=1e-5)
+    epoch = meter.read("epoch")
+    means = {n: torch.stack([e[n] for e in expected if n in e]).mean().item() for n in set().union(*expected)}
+    assert "pos_purity" in epoch and sum("pos_purity" in e for e in expected) == 1  # defined in step 1 only
+    assert epoch == pytest.approx(means, rel=1e-5)
+    assert meter.read("interval") == pytest.approx({n: v for n, v in expected[2].items()}, rel=1e-5)  # since the last read
+    assert meter.read("epoch") == {}  # read starts the accumulator again
 
 
 def fit_with_probe(cfg_factory, overrides: list[str], probe: bool = True):
