@@ -19,6 +19,7 @@ from mcl.mining.base import MiningContext, NoPositives
 from mcl.mining.diagnostics import MiningMeter, diagnostic_sums, mining_diagnostics
 from mcl.mining.negative import GradientBandNegatives
 from mcl.mining.positive import NeighbourPositives
+from mcl.module import MCLModule
 from mcl.train import CONF_DIR, build
 
 SMALL = ["debug=tiny", "logger=none", "callbacks=none", "dataset=digits", "trainer.max_epochs=1", "trainer.limit_train_batches=2"]
@@ -59,10 +60,8 @@ def test_mining_step_has_no_python_loop_over_the_batch_and_never_copies_the_bank
     """
     _, model, _ = build(cfg_factory([*SMALL, "model.queue_size=1024"]))
     bank = model.bank
-    bank.num_written.fill_(bank.size)  # warm-up over: every strategy mines
-    assert bank.is_full  # read (and remembered) here, not inside the counted calls
-    bank.indices.copy_(torch.arange(bank.size) % 97)
-    bank.labels.copy_(torch.arange(bank.size) % 10)
+    bank.enqueue(F.normalize(torch.randn(1024, 128), dim=1), torch.arange(1024) % 97, torch.arange(1024) % 10)
+    assert bank.is_full  # warm-up over: every strategy mines
     node = {(side, name): cfg_factory([*SMALL, f"mining.{side}={name}"]).mining[side] for side in SIDES for name in strategies(side)}
     for positive in strategies("positive"):
         for negative in strategies("negative"):
@@ -244,17 +243,6 @@ def test_bf16_mixed_precision_trains_on_cpu(cfg_factory):
     assert model.backbone.conv1.weight.dtype == torch.float32  # ... on float32 master weights
 
 
-@pytest.mark.slow
-def test_compile_trains_and_keeps_parameter_names(cfg_factory):
-    """torch.compile on CPU (inductor, C++ codegen): minutes on two cores, hence slow."""
-    torch._dynamo.reset()
-    model, _ = fit_with_probe(cfg_factory, ["model.compile=true"], probe=False)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
-    assert model.backbone._compiled_call_impl is not None and model.key_backbone._compiled_call_impl is not None
-    names = set(model.state_dict())
-    assert "backbone.conv1.weight" in names and not any("_orig_mod" in n for n in names)
-
-
 class StepLosses(L.Callback):
     """The loss each training step returned (kept on the device, compared after the fit)."""
 
@@ -265,7 +253,7 @@ class StepLosses(L.Callback):
         self.losses.append(outputs["loss"].detach())
 
 
-def step_losses(cfg_factory, experiment: str, overrides: list[str]) -> torch.Tensor:
+def step_losses(cfg_factory, experiment: str, overrides: list[str]) -> tuple[torch.Tensor, MCLModule]:
     """The losses of a seeded three-step fit, width-8 ResNet on 16 x 16 digits. The bank (16 = one step's
     keys) is full after step 1, so the paper's mining runs in steps 2 and 3, after weights, EMA and
     bank have moved."""
@@ -274,7 +262,7 @@ def step_losses(cfg_factory, experiment: str, overrides: list[str]) -> torch.Ten
     record = StepLosses()
     trainer.callbacks.append(record)
     trainer.fit(model, datamodule)
-    return torch.stack(record.losses)
+    return torch.stack(record.losses), model
 
 
 EXPERIMENTS = ("moco_v2", "paper_cifar10")  # MoCo v2 and the paper's pair (soft_hard + gradient)
@@ -288,22 +276,26 @@ def test_the_speed_options_change_no_result(cfg_factory):
     paper's loss, by far more than that (the comparison can fail)."""
     base = {}
     for experiment in EXPERIMENTS:
-        base[experiment] = step_losses(cfg_factory, experiment, ["trainer.log_every_n_steps=1"])
-        assert torch.equal(step_losses(cfg_factory, experiment, ["trainer.log_every_n_steps=50"]), base[experiment])
-        channels_last = step_losses(cfg_factory, experiment, ["model.channels_last=true"])
+        base[experiment], _ = step_losses(cfg_factory, experiment, ["trainer.log_every_n_steps=1"])
+        assert torch.equal(step_losses(cfg_factory, experiment, ["trainer.log_every_n_steps=50"])[0], base[experiment])
+        channels_last, _ = step_losses(cfg_factory, experiment, ["model.channels_last=true"])
         torch.testing.assert_close(channels_last[0], base[experiment][0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(channels_last, base[experiment], rtol=1e-3, atol=1e-3)
     assert (base["paper_cifar10"][1:] - base["moco_v2"][1:]).abs().min() > 0.1
 
 
 @pytest.mark.slow
-def test_the_compiled_step_gives_the_eager_loss(cfg_factory):
-    """model.compile=true (inductor on the CPU) for MoCo v2 and the paper's pair: the same losses as eager,
-    within the tolerances of test_the_speed_options_change_no_result (compiled kernels reorder sums). One compilation serves both: same shapes."""
+def test_the_compiled_step_gives_the_eager_loss_and_keeps_parameter_names(cfg_factory):
+    """model.compile=true (inductor, C++ codegen on the CPU: minutes on two cores) for MoCo v2 and the paper's
+    pair: the same losses as eager within the tolerances of test_the_speed_options_change_no_result
+    (compiled kernels reorder sums); parameter names and checkpoints stay those of the eager module."""
     torch._dynamo.reset()
     for experiment in EXPERIMENTS:
-        eager = step_losses(cfg_factory, experiment, [])
-        compiled = step_losses(cfg_factory, experiment, ["model.compile=true"])
+        eager, _ = step_losses(cfg_factory, experiment, [])
+        compiled, model = step_losses(cfg_factory, experiment, ["model.compile=true"])
         torch.testing.assert_close(compiled[0], eager[0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(compiled, eager, rtol=1e-3, atol=1e-3)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    assert model.backbone._compiled_call_impl is not None and model.key_backbone._compiled_call_impl is not None
+    names = set(model.state_dict())
+    assert "backbone.conv1.weight" in names and not any("_orig_mod" in n for n in names)
