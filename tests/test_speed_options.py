@@ -4,6 +4,9 @@ speed options users expect (channels_last, bf16 mixed precision, torch.compile) 
 from __future__ import annotations
 
 import csv
+import json
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -21,6 +24,7 @@ from mcl.mining.negative import GradientBandNegatives
 from mcl.mining.positive import NeighbourPositives
 from mcl.module import MCLModule
 from mcl.train import CONF_DIR, build
+from tests.conftest import REPO
 
 SMALL = ["debug=tiny", "logger=none", "callbacks=none", "dataset=digits", "trainer.max_epochs=1", "trainer.limit_train_batches=2"]
 SMALL += ["trainer.limit_val_batches=0", "data.batch_size=8", "model.queue_size=64"]
@@ -299,3 +303,24 @@ def test_the_compiled_step_gives_the_eager_loss_and_keeps_parameter_names(cfg_fa
     assert model.backbone._compiled_call_impl is not None and model.key_backbone._compiled_call_impl is not None
     names = set(model.state_dict())
     assert "backbone.conv1.weight" in names and not any("_orig_mod" in n for n in names)
+
+
+@pytest.mark.slow
+def test_the_gpu_benchmark_runs_end_to_end_on_a_cpu(tmp_path, npz_file):
+    """`benchmarks/gpu.py --device cpu --tiny`: the speed table (both presets, the ceiling, lightly measured or
+    reported missing) and the quality table (two presets x two seeds at once, with the paper's mining
+    diagnostics), from one command."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "gpu.py"), "--device", "cpu", "--tiny", "--npz", str(npz_file), "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    rows = {row[0]: row for row in json.loads((out / "speed.json").read_text())["rows"]}
+    for name in ("mcl MoCo v2 (experiment=moco_v2)", "mcl paper (experiment=paper_cifar10)", "backbone forward+backward+SGD (ceiling)"):
+        assert isinstance(rows[name][1], float) and rows[name][1] > 0, rows[name]
+    assert isinstance(rows["lightly MoCo v2"][1], float) or rows["lightly MoCo v2"][1] == "lightly not installed"
+    assert "200 epochs" in done.stdout and "paper / MoCo v2 wall time" in done.stdout
+    results = json.loads((out / "quality.json").read_text())
+    assert sorted((r["variant"], r["seed"]) for r in results) == [("moco_v2", 1339), ("moco_v2", 1340), ("paper", 1339), ("paper", 1340)]
+    assert all(0 <= r["knn_top1"] <= 1 for r in results)
+    assert all("pos_purity" in r for r in results if r["variant"] == "paper")  # the bank filled and the paper's method mined
+    assert "kNN top-1 (mean ± std)" in done.stdout
