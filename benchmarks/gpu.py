@@ -40,7 +40,7 @@ import common as bench
 import lightning as L
 import numpy as np
 import torch
-from mining_quality import final_diagnostics, shuffled_copy
+from mining_quality import final_diagnostics
 from mining_quality import table as quality_table
 
 HERE = Path(__file__).resolve().parent
@@ -72,11 +72,15 @@ class EpochClock(L.Callback):
         self.train.append(self._now() - self._start - self._val_in_epoch)
 
 
-def sized_npz(npz: Path, images: int, out: Path) -> Path:
-    """The npz's training images in a fixed random order, repeated (or cut) to `images`; its test images as they are."""
-    data = dict(np.load(npz))
-    repeat = np.resize(np.random.default_rng(0).permutation(len(data["y_train"])), images)  # every class even when cut
-    data["x_train"], data["y_train"] = data["x_train"][repeat], data["y_train"][repeat]
+def sized_npz(npz: Path, out: Path, images: int | None = None) -> Path:
+    """The npz with both splits in a fixed random order (the dev subset is sorted by class: a cut
+    kNN memory or query set, as under --tiny, still holds every class), the training images
+    repeated (or cut) to `images` (None: as many as there are)."""
+    data, rng = dict(np.load(npz)), np.random.default_rng(0)
+    for split in ("train", "test"):
+        n = len(data[f"y_{split}"])
+        order = np.resize(rng.permutation(n), images if split == "train" and images else n)
+        data[f"x_{split}"], data[f"y_{split}"] = data[f"x_{split}"][order], data[f"y_{split}"][order]
     np.savez(out, **data)
     return out
 
@@ -338,7 +342,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "quality").mkdir(exist_ok=True)
     npz, args.source = bench_npz(args.npz)
-    args.npz = shuffled_copy(npz, args.out)  # the dev subset is sorted by class: a cut kNN memory (--tiny) holds every class
+    args.npz = sized_npz(npz, args.out / "quality.npz")
     try:
         import lightly  # noqa: F401
 
@@ -348,7 +352,7 @@ def main() -> None:
     start, rates, texts = time.perf_counter(), {}, []
     if args.skip != "speed":
         with tempfile.TemporaryDirectory() as tmp:
-            args.speed_npz = sized_npz(args.npz, args.speed_images, Path(tmp) / "speed.npz")
+            args.speed_npz = sized_npz(args.npz, Path(tmp) / "speed.npz", args.speed_images)
             text, rates = speed(args)
             texts.append(text)
     if args.skip != "quality":
