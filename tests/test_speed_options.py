@@ -272,7 +272,6 @@ def step_losses(cfg_factory, experiment: str, overrides: list[str]) -> tuple[tor
 EXPERIMENTS = ("moco_v2", "paper_cifar10")  # MoCo v2 and the paper's pair (soft_hard + gradient)
 
 
-@pytest.mark.slow
 def test_the_speed_options_change_no_result(cfg_factory):
     """Reading the diagnostics every 50 steps instead of every step gives bit-identical losses; channels_last
     the same losses within float tolerance: 1e-5 in step 1 (same weights), 1e-3 later (batch norm over 8
