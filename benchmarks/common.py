@@ -176,12 +176,12 @@ def trainer(device: torch.device, precision: str, callbacks: list, **kwargs) -> 
 
 def fill_bank(module) -> None:
     """A bank full of real-looking keys: every mining strategy is past its warm-up and does its full work."""
-    bank = module.bank
-    with torch.no_grad():
-        bank.keys.copy_(F.normalize(torch.randn_like(bank.keys), dim=1))
-        bank.indices.copy_(torch.arange(bank.size) + 10**6)  # never an image of the batch
-        bank.labels.copy_(torch.randint(0, 10, (bank.size,)))
-        bank.num_written.fill_(bank.size)
+    bank, n = module.bank, module.bank.size
+    device = bank.keys.device
+    keys = F.normalize(torch.randn(n, bank.keys.shape[1], device=device), dim=1)  # K x D
+    bank.enqueue(
+        keys, torch.arange(n, device=device) + 10**6, torch.randint(0, 10, (n,), device=device)
+    )  # indices: never an image of the batch
 
 
 def step_seconds(module, batch: tuple[torch.Tensor, ...], device: torch.device, precision: str, steps: int, warmup: int) -> list[float]:

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 from hydra import compose, initialize_config_dir
 
+from mcl.mining.diagnostics import NAMES
 from mcl.train import CONF_DIR, train
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,16 +41,7 @@ VARIANTS = {
     "positive_only": ["experiment=paper_cifar10", "mining.negative=all"],
     "negative_only": ["experiment=paper_cifar10", "mining.positive=none"],
 }
-DIAGNOSTICS = [
-    "pos_kept",
-    "pos_purity",
-    "neg_kept",
-    "neg_fn_kept",
-    "neg_fn_dropped",
-    "neg_grad_share_kept",
-    "neg_sim_kept",
-    "neg_sim_dropped",
-]
+DIAGNOSTICS = list(NAMES)  # the mining/* diagnostics, in their logging order
 
 
 def shuffled_copy(path: Path, out: Path) -> Path:

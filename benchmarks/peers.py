@@ -29,7 +29,7 @@ GOAL = 1.0  # ours / lightly's
 class LightlyMoCo(L.LightningModule):
     """lightly's MoCo v2 step around our backbone and projector (the same modules as MCLModule's)."""
 
-    def __init__(self, width: int, bank: int, temperature: float, momentum: float, lr: float, proj: dict):
+    def __init__(self, width: int, bank: int, temperature: float, momentum: float, lr: float, proj: dict, channels_last: bool = False):
         super().__init__()
         from lightly.loss import NTXentLoss
         from lightly.models.utils import deactivate_requires_grad
@@ -40,17 +40,22 @@ class LightlyMoCo(L.LightningModule):
         deactivate_requires_grad(self.key_backbone)
         deactivate_requires_grad(self.key_projector)
         self.criterion = NTXentLoss(temperature=temperature, memory_bank_size=(bank, proj["proj_out"]))
-        self.momentum, self.lr = momentum, lr
+        self.momentum, self.lr, self.channels_last = momentum, lr, channels_last
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         from lightly.models.utils import update_momentum
 
-        x1, x2 = batch[0], batch[1]
+        x1, x2 = batch[0] if isinstance(batch[0], (list, tuple)) else batch[:2]  # lightly's loader: ([view 1, view 2], label)
         update_momentum(self.backbone, self.key_backbone, m=self.momentum)
         update_momentum(self.projector, self.key_projector, m=self.momentum)
-        q1, q2 = self.projector(self.backbone(torch.cat([x1, x2]))).chunk(2)  # B x D each
+        x = torch.cat([x1, x2])  # 2B x 3 x H x W
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        q1, q2 = self.projector(self.backbone(x)).chunk(2)  # B x D each
         with torch.no_grad():
-            k1, k2 = self.key_projector(self.key_backbone(torch.cat([x1, x2]))).chunk(2)
+            k1, k2 = self.key_projector(self.key_backbone(x)).chunk(2)
         return 0.5 * (self.criterion(q1, k2) + self.criterion(q2, k1))
 
     def configure_optimizers(self):

@@ -21,7 +21,7 @@ import common as bench
 import torch
 from torch.nn import functional as F
 
-from mcl.mining.diagnostics import mining_diagnostics
+from mcl.mining.diagnostics import diagnostic_sums
 
 GOAL = 1.05  # the paper's method / MoCo v2
 
@@ -37,7 +37,7 @@ def loss_part_seconds(module, batch_size: int, device: torch.device, precision: 
             loss12, *mined12 = module.contrast(q1.requires_grad_(True), k2, index)
             loss21, *mined21 = module.contrast(q2.requires_grad_(True), k1, index)
             for ctx, pos, neg in (mined12, mined21):
-                mining_diagnostics(ctx, pos, neg, labels, module.bank.labels)
+                diagnostic_sums(ctx, pos, neg, labels, module.bank.labels)  # as training: summed on the device, no read
         (0.5 * (loss12 + loss21)).backward()
 
     return bench.interleaved({"loss": both_directions}, repeats, 1, device)["loss"]

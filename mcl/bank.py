@@ -26,7 +26,7 @@ class MemoryBank(nn.Module):
         self.register_buffer("labels", torch.full((size,), -1, dtype=torch.long))  # K
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("num_written", torch.zeros((), dtype=torch.long))
-        self._full = False  # once full, always full: later steps skip the host read of num_written
+        self._written = 0  # num_written counted on the host (each enqueue's size is known): is_full reads no device value
 
     @property
     def size(self) -> int:
@@ -35,13 +35,11 @@ class MemoryBank(nn.Module):
     @property
     def is_full(self) -> bool:
         """True once every slot holds a real key (mining warm-up waits for this)."""
-        if not self._full:
-            self._full = bool(self.num_written >= self.size)
-        return self._full
+        return self._written >= self.size
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         super()._load_from_state_dict(*args, **kwargs)
-        self._full = False  # read num_written again
+        self._written = int(self.num_written)  # one read when a checkpoint is loaded, none per step
 
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor, indices: torch.Tensor, labels: torch.Tensor) -> None:
@@ -54,3 +52,4 @@ class MemoryBank(nn.Module):
         self.labels.index_copy_(0, slots, labels)
         self.ptr.add_(n).remainder_(self.size)
         self.num_written.add_(n)
+        self._written += n

@@ -38,7 +38,7 @@ from mcl.bank import MemoryBank
 from mcl.batchnorm import encode_views, shuffled, split_batchnorm
 from mcl.loss import weighted_infonce
 from mcl.mining.base import MiningContext, NegativeSelection, PositiveSelection, select
-from mcl.mining.diagnostics import mining_diagnostics
+from mcl.mining.diagnostics import MiningMeter, diagnostic_sums
 from mcl.models import mlp
 from mcl.monitors import knn_predict, topk_accuracy, unpad_distributed
 from mcl.neighbours import NeighbourContrast
@@ -112,7 +112,12 @@ class MCLModule(L.LightningModule):
         dim = self.backbone.out_dim
         # checkpoints written before an option existed get the value that rebuilds their architecture
         self.projector = mlp(
-            dim, model["proj_hidden"], model["proj_out"], model["proj_layers"], model.get("proj_last_bn", "plain"), model.get("proj_bn", True)
+            dim,
+            model["proj_hidden"],
+            model["proj_out"],
+            model["proj_layers"],
+            model.get("proj_last_bn", "plain"),
+            model.get("proj_bn", True),
         )
         self.predictor = (
             mlp(model["proj_out"], model["pred_hidden"], model["proj_out"], 2, model.get("pred_last_bn", "none"))
@@ -144,6 +149,7 @@ class MCLModule(L.LightningModule):
         self._linear_pred: list[torch.Tensor] = []  # the linear probe's class per test image
         self._pending: tuple[torch.Tensor, ...] | None = None  # keys to enqueue after backward
         self._ema_step = -1  # the optimizer step the key encoder was last moved at
+        self.mining_meter = MiningMeter()  # mining/* diagnostics, summed on the device between logging steps
         if model["channels_last"]:
             self.to(memory_format=torch.channels_last)
         if model["compile"]:  # in place: parameter names, checkpoints and the EMA update stay as they are
@@ -309,14 +315,21 @@ class MCLModule(L.LightningModule):
     def _log_mining(self, labels: torch.Tensor, candidate_labels: torch.Tensor, *directions: list) -> None:
         """`mining/*` diagnostics (mcl.mining.diagnostics), averaged over the two directions.
 
-        Labels are read here only. Logged from each rank's own batch without a collective: a
-        diagnostic is absent in a step where it is undefined (e.g. purity before mining starts).
+        They accumulate on the device (no host read in a step that does not log) and are read at
+        Lightning's logging steps (trainer.log_every_n_steps): `mining/<name>_step` is the mean over
+        the steps since the last logging step, `mining/<name>_epoch` (on_train_epoch_end) the mean
+        over the epoch; a diagnostic undefined in a step (e.g. purity before mining starts) does
+        not count there. Labels are read here only. Each rank logs its own batches, without a collective.
         """
         with torch.autocast(labels.device.type, enabled=False):
-            stats = [mining_diagnostics(ctx, pos, neg, labels, candidate_labels) for ctx, pos, neg in directions]
-        for name in stats[0].keys() & stats[1].keys():
-            value = 0.5 * (stats[0][name] + stats[1][name])
-            self.log(f"mining/{name}", value, on_step=True, on_epoch=True, batch_size=labels.shape[0])
+            self.mining_meter.update(*(diagnostic_sums(ctx, pos, neg, labels, candidate_labels) for ctx, pos, neg in directions))
+        if self._trainer is None or self.trainer._logger_connector.should_update_logs:
+            for name, value in self.mining_meter.read("interval").items():
+                self.log(f"mining/{name}_step", value, on_step=True, on_epoch=False, batch_size=labels.shape[0])
+
+    def on_train_epoch_end(self) -> None:
+        for name, value in self.mining_meter.read("epoch").items():
+            self.log(f"mining/{name}_epoch", value, on_step=False, on_epoch=True)
 
     @torch.no_grad()
     def on_after_backward(self) -> None:

@@ -269,7 +269,9 @@ def test_diagnostics_count_kept_neighbours_and_their_purity():
 )
 def test_training_past_a_full_bank_stays_finite(tmp_path, overrides):
     """MICRO: 16 keys a step (one an image) into a 128-key bank, full after 8 steps; 10 steps run."""
-    cfg = make_cfg([*MICRO, *overrides, "logger=none", "callbacks=none", "trainer.max_epochs=1", "trainer.limit_train_batches=10"], tmp_path)
+    cfg = make_cfg(
+        [*MICRO, *overrides, "logger=none", "callbacks=none", "trainer.max_epochs=1", "trainer.limit_train_batches=10"], tmp_path
+    )
     datamodule, module, trainer = build(cfg)
     trainer.fit(module, datamodule)
     assert trainer.global_step == 10 and module.bank.is_full

@@ -179,7 +179,9 @@ def test_a_query_and_its_key_are_normalised_in_different_groups(tmp_path):
 
 
 def test_bn_splits_1_without_shuffle_is_the_former_one_batch_encoder(tmp_path):
-    module = moco_module(tmp_path, "model.bn_splits=1", "model.shuffle_bn=false", "model.proj_layers=3", "model.proj_bn=true", "model.proj_last_bn=plain")
+    module = moco_module(
+        tmp_path, "model.bn_splits=1", "model.shuffle_bn=false", "model.proj_layers=3", "model.proj_bn=true", "model.proj_last_bn=plain"
+    )
     assert not any(isinstance(m, SplitBatchNorm) for m in module.modules()) and not module.separate_views
     x1, x2 = images(1), images(2)
     _, _, (q1, q2), (k1, k2) = module.encode(x1, x2)
