@@ -1,0 +1,91 @@
+"""Clusters: multi-node DDP started the way torchrun or srun start it, and sweeps through Hydra's launcher plugins."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import MICRO
+
+HERE = Path(__file__).resolve().parent
+NODE = [
+    *MICRO,
+    "trainer=ddp_cpu",
+    "trainer.devices=1",
+    "trainer.num_nodes=2",
+    "model.proj_hidden=64",
+    "model.queue_size=128",  # 2 views x 16 x 2 ranks = 64 keys a step: the bank turns over every 2 steps
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=3",
+    "trainer.limit_val_batches=1",
+    "seed=0",
+    "callbacks=none",
+    "+callbacks.probe._target_=test_ddp.BankProbe",
+    "+trainer.enable_progress_bar=false",
+    "+trainer.enable_model_summary=false",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def node_env(launcher: str, node: int, port: int) -> dict[str, str]:
+    """What torchrun (`--nnodes=2 --nproc-per-node=1 --node-rank=N`) or srun (2 nodes, 1 task each) set for node N's process."""
+    common = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    if launcher == "torchrun":
+        return {**common, "WORLD_SIZE": "2", "NODE_RANK": str(node), "LOCAL_RANK": "0", "RANK": str(node)}
+    return {
+        **common,
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NAME": "mcl",
+        "SLURM_NNODES": "2",
+        "SLURM_NTASKS": "2",
+        "SLURM_NTASKS_PER_NODE": "1",
+        "SLURM_PROCID": str(node),
+        "SLURM_NODEID": str(node),
+        "SLURM_LOCALID": "0",
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["torchrun", "slurm"])
+def test_two_nodes_share_one_bank_and_finish(launcher, tmp_path):
+    """Two single-process "nodes", each a `python -m mcl.train ... trainer.num_nodes=2` of its own, ranked by the environment."""
+    out, port = tmp_path / "run", free_port()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC_")) and k not in ("LOCAL_RANK", "NODE_RANK")}
+    base = {**clean, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    base.update(WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
+    args = [sys.executable, "-m", "mcl.train", *NODE, f"paths.output_dir={out}", f"hydra.run.dir={out}"]
+    nodes = [
+        subprocess.Popen(
+            args, cwd=tmp_path, env={**base, **node_env(launcher, n, port)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for n in (0, 1)
+    ]
+    logs = [p.communicate(timeout=600) for p in nodes]
+    for node, (proc, (stdout, stderr)) in enumerate(zip(nodes, logs)):
+        assert proc.returncode == 0, f"node {node}: {stdout[-2000:]}{stderr[-4000:]}"
+    assert logs[0][0].count("== mcl summary ==") == 1 and "== mcl summary ==" not in logs[1][0]  # global rank 0 only
+
+    r0, r1 = (torch.load(out / f"probe_rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["world_size"] == r1["world_size"] == 2
+    assert len(r0["steps"]) == len(r1["steps"]) == 3
+    for s0, s1 in [*zip(r0["steps"], r1["steps"]), (r0, r1)]:  # before every step, and at the end
+        bank0, bank1 = s0.get("bank", s0.get("final_bank")), s1.get("bank", s1.get("final_bank"))
+        for name in ("keys", "indices", "labels", "ptr", "num_written"):
+            assert torch.equal(bank0[name], bank1[name]), name
+    # both nodes' keys went into it, and each node trained on its own shard
+    seen = [set(torch.cat([s["batch_index"] for s in r["steps"]]).tolist()) for r in (r0, r1)]
+    assert not seen[0] & seen[1]
+    final = set(r0["final_bank"]["indices"].tolist())
+    assert final & seen[0] and final & seen[1]
+    assert int(r0["final_bank"]["num_written"]) == 3 * 2 * 16 * 2
+    assert r0["metrics"]["train/loss"] == r1["metrics"]["train/loss"]  # reduced over the nodes
