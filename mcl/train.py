@@ -198,4 +198,8 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run the main of the importable module, not of `__main__`: the sweep launchers that pickle the task
+    # (submitit, joblib) can then refer to this module's functions by name instead of copying them.
+    from mcl import train as importable
+
+    importable.main()

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import hydra
 import pytest
 import torch
-from conftest import MICRO
+import yaml
+from conftest import MICRO, run_cli
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from test_sweep_report import SMALL, final_knn, table_rows
+
+from mcl.report import JobStatusFile
+from mcl.report import main as report_main
+from mcl.train import CONF_DIR, train
 
 HERE = Path(__file__).resolve().parent
 NODE = [
@@ -89,3 +99,65 @@ def test_two_nodes_share_one_bank_and_finish(launcher, tmp_path):
     assert final & seen[0] and final & seen[1]
     assert int(r0["final_bank"]["num_written"]) == 3 * 2 * 16 * 2
     assert r0["metrics"]["train/loss"] == r1["metrics"]["train/loss"]  # reduced over the nodes
+
+
+@pytest.mark.slow
+def test_sweep_through_submitit_local_writes_job_dirs_the_report_reads(tmp_path):
+    """`-m hydra/launcher=local` (submitit_local): each job a process of its own, in the sweep's numbered dirs."""
+    sweep = tmp_path / "sweep"
+    args = ["-m", "hydra/launcher=local", *SMALL, "trainer.max_epochs=1", "model.temperature=0.1,0.2", f"hydra.sweep.dir={sweep}"]
+    result = run_cli(args, cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert (sweep / ".submitit").is_dir()  # submitit's own logs and pickles, beside the job dirs
+    for num, temperature in enumerate(("0.1", "0.2")):
+        job = sweep / str(num)
+        status = json.loads((job / "job.json").read_text())  # the status callback ran inside the submitit job
+        assert status["status"] == "completed" and status["overrides"][-1] == f"model.temperature={temperature}"
+        assert yaml.safe_load((job / "config_resolved.yaml").read_text())["model"]["temperature"] == float(temperature)
+        assert final_knn(job)
+
+    report_main([str(sweep)])  # python -m mcl.report SWEEP_DIR
+    markdown = (sweep / "report.md").read_text()
+    assert "2 jobs: 2 completed, 0 failed" in markdown
+    assert [row[:2] for row in table_rows(markdown, "Results")] == [["0.1", "1/1"], ["0.2", "1/1"]]
+
+
+class Submitted(Exception):
+    """Stands for `sbatch`: carries the script submitit would submit."""
+
+
+def test_slurm_launcher_asks_for_the_trainer_s_nodes_and_devices(tmp_path, monkeypatch):
+    """`hydra/launcher=slurm trainer=ddp trainer.num_nodes=2`: the sbatch script submitit writes (nothing is submitted)."""
+    import submitit.slurm.slurm as submitit_slurm
+
+    def capture(self, path):
+        raise Submitted(Path(path).read_text())
+
+    monkeypatch.setattr(submitit_slurm.SlurmExecutor, "affinity", classmethod(lambda cls: 2))  # as if srun were installed
+    monkeypatch.setattr(submitit_slurm.SlurmExecutor, "_make_submission_command", capture)
+    overrides = ["hydra/launcher=slurm", "trainer=ddp", "trainer.num_nodes=2", "hydra.launcher.partition=gpu", "data.num_workers=6"]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=[*overrides, f"hydra.sweep.dir={tmp_path}", "hydra.job.name=train"], return_hydra_config=True)
+    launcher = hydra.utils.instantiate(cfg.hydra.launcher)
+    launcher.setup(hydra_context=None, task_function=train, config=cfg)
+    with pytest.raises(Submitted) as submitted:
+        launcher.launch([["seed=0"], ["seed=1"]], initial_job_idx=0)
+    script = submitted.value.args[0].splitlines()
+    for line in ("--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--cpus-per-task=6", "--partition=gpu", "--time=1440"):
+        assert f"#SBATCH {line}" in script, line
+    assert "#SBATCH --signal=USR2@120" in script and "#SBATCH --array=0-1%2" in script  # one array task per sweep job
+    assert any(line.startswith("srun ") and "submitit.core._submit" in line for line in script)  # srun starts the 2 x 4 tasks
+
+
+@pytest.mark.parametrize("rank_variable", ["SLURM_PROCID", "RANK", "NODE_RANK", "LOCAL_RANK"])
+def test_job_status_is_written_by_global_rank_zero_only(rank_variable, tmp_path, monkeypatch):
+    """srun (and torchrun) start every process of a job the same way: only rank 0 writes job.json."""
+    config = OmegaConf.create({"hydra": {"runtime": {"output_dir": str(tmp_path)}, "overrides": {"task": ["seed=0"]}, "job": {"num": 3}}})
+    for variable in ("SLURM_PROCID", "RANK", "NODE_RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv(rank_variable, "1")
+    JobStatusFile().on_job_start(config)
+    assert not (tmp_path / "job.json").exists()
+    monkeypatch.setenv(rank_variable, "0")
+    JobStatusFile().on_job_start(config)
+    assert json.loads((tmp_path / "job.json").read_text())["status"] == "running"
