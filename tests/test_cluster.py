@@ -15,12 +15,13 @@ import torch
 import yaml
 from conftest import MICRO, run_cli
 from hydra import compose, initialize_config_dir
+from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator
 from omegaconf import OmegaConf
 from test_sweep_report import SMALL, final_knn, table_rows
 
 from mcl.report import JobStatusFile
 from mcl.report import main as report_main
-from mcl.train import CONF_DIR, train
+from mcl.train import CONF_DIR, ConfigError, check_accelerator, check_config, train
 
 HERE = Path(__file__).resolve().parent
 NODE = [
@@ -161,3 +162,77 @@ def test_job_status_is_written_by_global_rank_zero_only(rank_variable, tmp_path,
     monkeypatch.setenv(rank_variable, "0")
     JobStatusFile().on_job_start(config)
     assert json.loads((tmp_path / "job.json").read_text())["status"] == "running"
+
+
+# --- errors that say what to do, before any process starts ---------------------------------------
+def cli_error(tmp_path: Path, *args: str) -> str:
+    """stderr of a `python -m mcl.train` that must fail before training (no run dir content beyond Hydra's)."""
+    result = run_cli(["dataset=digits", "logger=none", *args, f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "Initializing distributed" not in result.stdout + result.stderr  # no DDP process was started
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    return result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available() or torch.backends.mps.is_available(), reason="needs a machine without GPU")
+def test_ddp_without_gpu_names_ddp_cpu(tmp_path):
+    err = cli_error(tmp_path, "trainer=ddp")
+    assert "trainer.accelerator=gpu, but torch finds no such device on this machine: use trainer=ddp_cpu" in err
+    assert "No supported gpu backend" not in err
+
+
+@pytest.mark.slow
+def test_ddp_on_cpu_with_sync_batchnorm_names_ddp_cpu(tmp_path):
+    err = cli_error(tmp_path, "trainer=ddp", "trainer.accelerator=cpu", "trainer.sync_batchnorm=true")
+    assert "trainer.sync_batchnorm=true needs GPUs" in err and "use trainer=ddp_cpu" in err
+
+
+GRADIENT_KNOB_ERROR = (
+    "mining.negative (GradientBandNegatives) has no knob 'strat': did you mean mining.negative.start? "
+    "Its knobs: start, end, unit, final_start, final_end, rank_by, exclude_self, warmup."
+)
+
+
+@pytest.mark.slow
+def test_unknown_strategy_knob_lists_the_knobs_and_the_closest(tmp_path):
+    """`mining.negative.strat=0.1`: checked before Hydra composes (Hydra would advise `+mining.negative.strat`)."""
+    err = cli_error(tmp_path, "mining.negative=gradient", "mining.negative.strat=0.1")
+    assert GRADIENT_KNOB_ERROR in err
+    assert "To append to your config" not in err
+
+
+def test_unknown_strategy_knob_added_with_plus_gets_the_same_error(cfg_factory):
+    """`+mining.negative.strat=0.1` composes; check_config stops it before the strategy's constructor fails (TypeError)."""
+    with pytest.raises(ConfigError) as err:
+        check_config(cfg_factory(["mining.negative=gradient", "+mining.negative.strat=0.1"]), world_size=1)
+    assert GRADIENT_KNOB_ERROR in str(err.value)
+
+
+def test_a_knob_of_another_strategy_names_the_strategies_that_have_it(cfg_factory):
+    cfg = cfg_factory(["+mining.positive.topk=3"])  # mining.positive=none
+    with pytest.raises(
+        ConfigError,
+        match=r"\(NoPositives\) has no knob 'topk'\. It takes no knobs\. 'topk' is a knob of mining\.positive=hard\|soft\|soft_hard\.",
+    ):
+        check_config(cfg, world_size=1)
+    check_config(cfg_factory(["mining.positive=soft", "mining.positive.topk=3"]), world_size=1)
+
+
+def test_gpu_checks_on_a_machine_with_or_without_gpus(monkeypatch):
+    """In-process, with torch's view of the GPUs replaced: no GPU, and fewer GPUs than trainer.devices."""
+    ddp = OmegaConf.create({"accelerator": "gpu", "strategy": "ddp", "devices": 4, "sync_batchnorm": True})
+    monkeypatch.setattr(CUDAAccelerator, "is_available", staticmethod(lambda: False))
+    monkeypatch.setattr(MPSAccelerator, "is_available", staticmethod(lambda: False))
+    with pytest.raises(ConfigError, match="use trainer=ddp_cpu"):
+        check_accelerator(ddp)
+    with pytest.raises(ConfigError, match=r"use trainer=cpu\b"):
+        check_accelerator(OmegaConf.create({"accelerator": "gpu", "devices": 1}))
+    monkeypatch.setattr(CUDAAccelerator, "is_available", staticmethod(lambda: True))
+    monkeypatch.setattr(CUDAAccelerator, "auto_device_count", staticmethod(lambda: 2))
+    with pytest.raises(ConfigError, match=r"trainer.devices=4, but this machine has 2 GPU\(s\): set trainer.devices=2"):
+        check_accelerator(ddp)
+    check_accelerator(OmegaConf.merge(ddp, {"devices": 2}))
+    check_accelerator(OmegaConf.create({"accelerator": "auto", "strategy": "ddp", "devices": 2, "sync_batchnorm": True}))
+    with pytest.raises(ConfigError, match="SyncBatchNorm does not run on CPU"):
+        check_accelerator(OmegaConf.merge(ddp, {"accelerator": "cpu"}))
