@@ -13,7 +13,7 @@ import hydra
 import pytest
 import torch
 import yaml
-from conftest import MICRO, run_cli
+from conftest import MICRO, REPO, run_cli
 from hydra import compose, initialize_config_dir
 from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator
 from omegaconf import OmegaConf
@@ -52,7 +52,8 @@ def node_env(launcher: str, node: int, port: int) -> dict[str, str]:
     """What torchrun (`--nnodes=2 --nproc-per-node=1 --node-rank=N`) or srun (2 nodes, 1 task each) set for node N's process."""
     common = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     if launcher == "torchrun":
-        return {**common, "WORLD_SIZE": "2", "NODE_RANK": str(node), "LOCAL_RANK": "0", "RANK": str(node)}
+        ranks = {"RANK": str(node), "GROUP_RANK": str(node), "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "WORLD_SIZE": "2"}
+        return {**common, **ranks, "TORCHELASTIC_RUN_ID": "mcl-test"}
     return {
         **common,
         "SLURM_JOB_ID": "4242",
@@ -71,7 +72,11 @@ def node_env(launcher: str, node: int, port: int) -> dict[str, str]:
 def test_two_nodes_share_one_bank_and_finish(launcher, tmp_path):
     """Two single-process "nodes", each a `python -m mcl.train ... trainer.num_nodes=2` of its own, ranked by the environment."""
     out, port = tmp_path / "run", free_port()
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC_")) and k not in ("LOCAL_RANK", "NODE_RANK")}
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SLURM_", "TORCHELASTIC_")) and k not in ("LOCAL_RANK", "NODE_RANK", "RANK")
+    }
     base = {**clean, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
     base.update(WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
     args = [sys.executable, "-m", "mcl.train", *NODE, f"paths.output_dir={out}", f"hydra.run.dir={out}"]
@@ -236,3 +241,19 @@ def test_gpu_checks_on_a_machine_with_or_without_gpus(monkeypatch):
     check_accelerator(OmegaConf.create({"accelerator": "auto", "strategy": "ddp", "devices": 2, "sync_batchnorm": True}))
     with pytest.raises(ConfigError, match="SyncBatchNorm does not run on CPU"):
         check_accelerator(OmegaConf.merge(ddp, {"accelerator": "cpu"}))
+
+
+def test_the_slurm_example_asks_for_what_its_command_trains_on():
+    """examples/slurm/train.sbatch: its srun command composes and passes the checks, on the nodes and tasks it asks for."""
+    text = (REPO / "examples" / "slurm" / "train.sbatch").read_text()
+    options = [line.split()[1].lstrip("-") for line in text.splitlines() if line.startswith("#SBATCH")]
+    sbatch = {name: value for name, _, value in (o.partition("=") for o in options)}
+    command = text.split("srun python -m mcl.train", 1)[1].replace("\\\n", " ").split("\n", 1)[0]
+    args = [a.replace('"${SLURM_JOB_ID}"', "123") for a in command.split() if a != '"$@"']
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=args, return_hydra_config=True)
+    assert (cfg.trainer.num_nodes, cfg.trainer.devices) == (int(sbatch["nodes"]), int(sbatch["ntasks-per-node"]))
+    assert int(sbatch["gpus-per-node"]) == cfg.trainer.devices and int(sbatch["cpus-per-task"]) == cfg.data.num_workers + 1
+    assert cfg.auto_resume and cfg.hydra.run.dir == "outputs/train/slurm-123"  # a requeued job (same id) finds its checkpoints
+    assert sbatch["signal"] == "SIGUSR1@120" and "requeue" in sbatch
+    check_config(cfg, world_size=cfg.trainer.num_nodes * cfg.trainer.devices)
