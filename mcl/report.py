@@ -49,12 +49,12 @@ class JobStatusFile(Callback):
 
     A failed job does not stop a sweep (Hydra's basic sweeper runs the whole batch and raises
     the first error at the end); this file keeps the error next to the job, for the report.
-    Only the launching process writes it (not the DDP worker processes Lightning starts).
+    Only the process of global rank 0 writes it (not the DDP processes Lightning, torchrun or srun start).
     """
 
     def _write(self, config: DictConfig, **fields: Any) -> None:
-        if int(os.environ.get("LOCAL_RANK", 0)) != 0 or int(os.environ.get("NODE_RANK", 0)) != 0:
-            return
+        if any(int(os.environ.get(rank, 0)) for rank in ("LOCAL_RANK", "NODE_RANK", "RANK", "SLURM_PROCID")):
+            return  # a process of rank > 0: started by Lightning, torchrun or srun
         out = Path(config.hydra.runtime.output_dir)
         record = {"overrides": list(config.hydra.overrides.task), "num": config.hydra.job.get("num"), **fields}
         (out / STATUS_FILE).write_text(json.dumps(record, indent=2))

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import os
+import re
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,6 +14,7 @@ from typing import Any
 import hydra
 import lightning as L
 from hydra.errors import InstantiationException
+from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator
 from omegaconf import DictConfig, OmegaConf
 
 from mcl.data.datamodule import ContrastiveDataModule
@@ -44,6 +48,8 @@ def check_config(cfg: DictConfig, world_size: int) -> None:
                 f"mining.{side} must select a strategy file from conf/mining.{side}/ (e.g. mining.{side}=...), "
                 f"got {node!r}; set knobs with mining.{side}.<knob>=value"
             )
+        for knob in node:
+            check_strategy_knob(side, node, str(knob))
     if cfg.model.candidates == "batch":
         if any(t.endswith("MiningPanel") for t in callback_targets(cfg)):
             raise ConfigError(
@@ -136,6 +142,58 @@ def check_resume_and_callbacks(cfg: DictConfig) -> None:
         raise ConfigError("auto_resume=true resumes from this run's checkpoints, but no callback writes any: use callbacks=default")
 
 
+def strategy_knobs(node: DictConfig) -> list[str]:
+    """The knobs a mining strategy takes: its class's keyword arguments (every one in its conf/ file)."""
+    params = inspect.signature(hydra.utils.get_class(node._target_)).parameters.values()
+    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def file_keys(path: Path) -> set[str]:
+    """The keys a group file sets, itself or through the sibling files in its defaults list."""
+    node = OmegaConf.load(path)
+    parents = [d for d in node.get("defaults", []) if isinstance(d, str) and d != "_self_"]
+    return set(map(str, node)).union(*(file_keys(path.with_name(f"{d}.yaml")) for d in parents))
+
+
+def check_strategy_knob(side: str, node: DictConfig, knob: str) -> None:
+    """`knob` is one of mining.<side>'s knobs, or ConfigError listing them, the closest one and the strategies that have it."""
+    knobs = strategy_knobs(node)
+    if knob in knobs or knob.startswith("_"):  # _target_ and Hydra's other instantiate keys
+        return
+    close = difflib.get_close_matches(knob, knobs, n=1)
+    owners = [f.stem for f in sorted(Path(CONF_DIR, f"mining.{side}").glob("*.yaml")) if knob in file_keys(f)]
+    raise ConfigError(
+        f"mining.{side} ({node._target_.rsplit('.', 1)[-1]}) has no knob '{knob}'"
+        + (f": did you mean mining.{side}.{close[0]}?" if close else ".")
+        + (f" Its knobs: {', '.join(knobs)}." if knobs else " It takes no knobs.")
+        + (f" '{knob}' is a knob of mining.{side}={'|'.join(owners)}." if owners else f" Strategies: conf/mining.{side}/.")
+    )
+
+
+KNOB_OVERRIDE = re.compile(r"(mining\.(positive|negative))\.(\w+)=")
+
+
+def check_knob_overrides(args: list[str]) -> None:
+    """Command-line `mining.<side>.<knob>=value` for a knob the selected strategy lacks: ConfigError listing
+    its knobs, before Hydra would advise `+mining.<side>.<knob>` (an argument the strategy does not take)."""
+    knobs = [m for m in map(KNOB_OVERRIDE.match, args) if m]
+    if not knobs:
+        return
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    base = []  # the other overrides, a sweep's first value standing for it
+    for o in OverridesParser.create().parse_overrides([a for a in args if "=" in a and not a.startswith(("-", "hydra"))]):
+        if not KNOB_OVERRIDE.match(o.input_line or ""):
+            value = next(iter(o.sweep_string_iterator())) if o.is_sweep_override() else o.get_value_element_as_str()
+            base.append(f"{o.get_key_element()}={value}")
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=base)
+    for m in knobs:
+        side = m.group(2)
+        check_strategy_knob(side, cfg.mining[side], m.group(3))
+
+
 def wandb_offline_unless_logged_in(cfg: DictConfig) -> None:
     """W&B never prompts: without an API key it runs offline (sync later with `wandb sync`)."""
     if "wandb" not in (cfg.get("logger") or {}) or os.environ.get("WANDB_MODE") or cfg.logger.wandb.mode:
@@ -146,6 +204,30 @@ def wandb_offline_unless_logged_in(cfg: DictConfig) -> None:
         print("mcl: no W&B API key configured; logging offline to the run directory (upload with `wandb sync`).")
         os.environ["WANDB_MODE"] = "offline"  # DDP workers inherit it
         cfg.logger.wandb.mode = "offline"
+
+
+def check_accelerator(trainer: DictConfig) -> None:
+    """The trainer's accelerator is on this machine, and SyncBatchNorm gets GPUs: Lightning would fail with
+    no hint (SyncBatchNorm only once its DDP processes run)."""
+    has_cuda, has_mps = CUDAAccelerator.is_available(), MPSAccelerator.is_available()
+    accelerator, ddp = str(trainer.get("accelerator", "auto")), "ddp" in str(trainer.get("strategy", ""))
+    on_cpu = "trainer=ddp_cpu (DDP over CPU processes)" if ddp else "trainer=cpu"
+    found = {"gpu": has_cuda or has_mps, "cuda": has_cuda, "mps": has_mps}.get(accelerator, True)
+    if not found:
+        raise ConfigError(
+            f"trainer.accelerator={accelerator}, but torch finds no such device on this machine: use {on_cpu}, or run on a GPU node"
+        )
+    devices = trainer.get("devices")
+    if has_cuda and accelerator in ("gpu", "cuda") and isinstance(devices, int) and devices > CUDAAccelerator.auto_device_count():
+        count = CUDAAccelerator.auto_device_count()
+        raise ConfigError(
+            f"trainer.devices={devices}, but this machine has {count} GPU(s): set trainer.devices={count} (or -1: all of them)"
+        )
+    if trainer.get("sync_batchnorm") and (accelerator == "cpu" or (accelerator == "auto" and not (has_cuda or has_mps))):
+        raise ConfigError(
+            "trainer.sync_batchnorm=true needs GPUs (SyncBatchNorm does not run on CPU) and this run is on CPU: "
+            "use trainer=ddp_cpu for DDP over CPU processes (or trainer.sync_batchnorm=false)"
+        )
 
 
 def instantiate_dict(node: DictConfig | None) -> list:
@@ -176,6 +258,7 @@ def build(cfg: DictConfig) -> tuple[ContrastiveDataModule, MCLModule, L.Trainer]
     if cfg.seed is not None:
         L.seed_everything(cfg.seed, workers=True)
     wandb_offline_unless_logged_in(cfg)
+    check_accelerator(cfg.trainer)
     callbacks = [*instantiate_dict(cfg.get("callbacks")), RunConfig(plain(cfg))]  # the resolved config rides in every checkpoint
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=instantiate_dict(cfg.get("logger")) or False, callbacks=callbacks)
     check_config(cfg, trainer.world_size)
@@ -289,5 +372,13 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.argv += resume_in_run_dir(sys.argv[1:])  # a resumed run writes into its checkpoint's run dir
-    main()
+    # Run the main of the importable module, not of `__main__`: the sweep launchers that pickle the task
+    # (submitit, joblib) can then refer to this module's functions by name instead of copying them.
+    from mcl import train as importable
+
+    try:
+        importable.check_knob_overrides(sys.argv[1:])
+    except importable.ConfigError as err:
+        sys.exit(f"ConfigError: {err}")
+    sys.argv += importable.resume_in_run_dir(sys.argv[1:])  # a resumed run writes into its checkpoint's run dir
+    importable.main()
