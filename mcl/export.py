@@ -44,6 +44,7 @@ def torchvision_recipe(backbone: dict, out: str) -> str:
     if width != 64:
         return (
             f"# width {width}: torchvision's constructors build width 64 only; load it into mcl's ResNet:\n"
+            f"import torch\n"
             f"from mcl.models import WidthResNet\n"
             f"model = WidthResNet({arch!r}, width={width}, cifar_stem={cifar_stem}, maxpool={maxpool})\n"
             f"model.load_state_dict(torch.load({out!r}, weights_only=True))"

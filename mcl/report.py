@@ -1,19 +1,24 @@
-"""`python -m mcl.report MULTIRUN_DIR`: one table and three plots from a Hydra sweep.
+"""`python -m mcl.report DIR [DIR ...]`: one table and three plots from sweeps and runs.
 
-Every job of a sweep (`python -m mcl.train -m ...`) leaves in its own subdirectory:
-`.hydra/overrides.yaml` (what the job changed), `metrics.csv` (csv logger) and `job.json`,
-written by `JobStatusFile` (a Hydra callback, conf/hydra/default.yaml) when the job starts and
-ends: status running / completed / failed, and the error of a failed job.
+DIR is a Hydra sweep (`python -m mcl.train -m ...`: multirun/<task>/<date_time>), a single run
+dir (outputs/<task>/<date_time>) or a folder of them (outputs/<task>, outputs/); several DIRs
+are compared as one set of runs. Every run leaves `.hydra/overrides.yaml` (what it changed),
+`metrics.csv` (csv logger), its config and `job.json`, written by `JobStatusFile` (a Hydra
+callback, conf/hydra/default.yaml) when it starts and ends: status running / completed /
+failed, and the error of a failed job.
 
-The report groups the completed jobs by the swept values (every override that differs
-between jobs, except the ones averaged over: `seed`), and writes into the sweep dir:
-- `report.md`: mean ± sample std over seeds of the final monitors (and the final `mining/*`
-  diagnostics), and the jobs that failed, are unfinished or never started;
-- `report.json`: the same numbers, for scripts and notebooks;
-- `accuracy.png` (final accuracy per group, every seed a dot), `knn_over_epochs.png`
-  (`val/knn_top1` per epoch, mean and std band), `diagnostics.png` (each `mining/*` metric
-  per epoch). A metric's value at an epoch is the mean of what was logged in that epoch; its
-  final value is the one of the last epoch.
+The report groups the completed runs by the swept values (every override that differs between
+runs, except the ones averaged over: `seed`; a run without an override another run sets reads
+`default`), and writes into the one DIR given (with several: reports/<date_time>, or `--out`):
+- `report.md`: the dataset, epochs and overrides every run shared; mean ± sample std over
+  seeds of the final monitors (and the final `mining/*` diagnostics), shares in percent; and
+  the jobs that failed, are unfinished or never started;
+- `report.json`: the same numbers as logged (shares in [0, 1]), for scripts and notebooks;
+- `accuracy`, `knn_over_epochs`, `diagnostics` as .png and .svg: final accuracy per group
+  (every seed a dot), kNN top-1 per epoch (mean and std band), each `mining/*` metric per
+  epoch; titled with the dataset, epochs and shared overrides, metrics named in words. A
+  metric's value at an epoch is the mean of what was logged in that epoch; its final value is
+  the one of the last epoch.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import json
 import math
 import os
 import sys
+import textwrap
 import traceback
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -86,14 +92,19 @@ class JobStatusFile(Callback):
 # --- read back --------------------------------------------------------------------------------
 @dataclass
 class Job:
-    """One job of a sweep. history: metric -> {epoch: value}; final: metric -> last epoch's value."""
+    """One run: a job of a sweep or a single run dir. history: metric -> {epoch: value}; final:
+    metric -> last epoch's value. name: its dir relative to the dirs reported on (`3` in a sweep).
+    dataset, max_epochs: from its config (None when unreadable)."""
 
-    num: int
+    num: int | None
     dir: Path
     overrides: list[str]
     status: str  # completed | failed | running (unfinished) | not started
     error: str | None = None
     history: dict[str, dict[int, float]] = field(default_factory=dict)
+    name: str = ""
+    dataset: str | None = None
+    max_epochs: int | None = None
 
     @property
     def final(self) -> dict[str, float]:
@@ -151,32 +162,64 @@ def expected_jobs(sweep_dir: Path) -> list[list[str]]:
     return expand_grid(dict(OmegaConf.select(cfg, "hydra.sweeper.params") or {}), list(OmegaConf.select(cfg, "hydra.overrides.task")))
 
 
-def load_sweep(sweep_dir: str | Path) -> list[Job]:
-    """Every job of a multirun dir, planned or run, with its status and metrics."""
-    sweep_dir = Path(sweep_dir)
-    if not sweep_dir.is_dir():
-        raise FileNotFoundError(f"{sweep_dir} is not a directory (expected a multirun dir of `python -m mcl.train -m ...`)")
-    jobs: dict[int, Job] = {}
-    for overrides_file in sorted(sweep_dir.glob("*/.hydra/overrides.yaml")):
-        job_dir = overrides_file.parent.parent
-        if not job_dir.name.isdigit():
-            continue
-        status_file = job_dir / STATUS_FILE
-        status = json.loads(status_file.read_text()) if status_file.exists() else {"status": "running"}
-        jobs[int(job_dir.name)] = Job(
-            num=int(job_dir.name),
-            dir=job_dir,
-            overrides=[str(o) for o in OmegaConf.load(overrides_file)],
-            status=status["status"],
-            error=status.get("error"),
-            history=read_metrics(job_dir / "metrics.csv"),
-        )
-    for num, overrides in enumerate(expected_jobs(sweep_dir)):
-        if num not in jobs:
-            jobs[num] = Job(num=num, dir=sweep_dir / str(num), overrides=overrides, status="not started")
+def run_setting(run_dir: Path) -> tuple[str | None, int | None]:
+    """(dataset name, trainer.max_epochs) of a run, from the config it saved (resolved first)."""
+    for name in ("config_resolved.yaml", ".hydra/config.yaml"):
+        path = run_dir / name
+        if path.is_file():
+            cfg = OmegaConf.load(path)
+            dataset = OmegaConf.select(cfg, "dataset.name", throw_on_resolution_failure=False)
+            epochs = OmegaConf.select(cfg, "trainer.max_epochs", throw_on_resolution_failure=False)
+            return (str(dataset) if dataset is not None else None), (int(epochs) if isinstance(epochs, int) else None)
+    return None, None
+
+
+def _read_job(run_dir: Path, name: str, num: int | None) -> Job:
+    status_file = run_dir / STATUS_FILE
+    status = json.loads(status_file.read_text()) if status_file.exists() else {"status": "running"}
+    dataset, max_epochs = run_setting(run_dir)
+    return Job(
+        num=num,
+        dir=run_dir,
+        overrides=[str(o) for o in OmegaConf.load(run_dir / ".hydra" / "overrides.yaml")],
+        status=status["status"],
+        error=status.get("error"),
+        history=read_metrics(run_dir / "metrics.csv"),
+        name=name,
+        dataset=dataset,
+        max_epochs=max_epochs,
+    )
+
+
+def _relative_name(path: Path, base: Path) -> str:
+    return str(path.relative_to(base)) if path != base else path.name
+
+
+def load_runs(*dirs: str | Path) -> list[Job]:
+    """Every run at or under `dirs`: sweep dirs (multirun/<task>/<date_time>, with the jobs they
+    planned but never started), single run dirs (outputs/<task>/<date_time>) and folders of them
+    (outputs/<task>, outputs/). Sweep jobs come in launch order, single runs in date order."""
+    roots = [Path(d) for d in dirs]
+    for root in roots:
+        if not root.is_dir():
+            raise FileNotFoundError(f"{root} is not a directory (expected a run dir, a multirun dir, or a folder of them)")
+    roots = [r.resolve() for r in roots]
+    base = Path(os.path.commonpath(roots))
+    jobs: dict[Path, Job] = {}
+    for root in roots:
+        sweeps = {m.parent for m in root.rglob("multirun.yaml")}
+        for overrides_file in sorted(root.rglob(".hydra/overrides.yaml")):
+            run_dir = overrides_file.parent.parent
+            num = int(run_dir.name) if run_dir.parent in sweeps and run_dir.name.isdigit() else None
+            jobs[run_dir] = _read_job(run_dir, _relative_name(run_dir, base), num)
+        for sweep in sweeps:
+            for num, overrides in enumerate(expected_jobs(sweep)):
+                if sweep / str(num) not in jobs:
+                    job_dir = sweep / str(num)
+                    jobs[job_dir] = Job(num, job_dir, overrides, "not started", name=_relative_name(job_dir, base))
     if not jobs:
-        raise FileNotFoundError(f"{sweep_dir} holds no jobs (no */.hydra/overrides.yaml and no multirun.yaml)")
-    return [jobs[n] for n in sorted(jobs)]
+        raise FileNotFoundError(f"{', '.join(map(str, roots))} holds no jobs (no */.hydra/overrides.yaml and no multirun.yaml)")
+    return sorted(jobs.values(), key=lambda j: (str(j.dir.parent), -1 if j.num is None else j.num, str(j.dir)))
 
 
 # --- group and summarise ----------------------------------------------------------------------
@@ -189,7 +232,9 @@ class Group:
 
     @property
     def label(self) -> str:
-        return ", ".join(self.values.values()) or "all jobs"
+        """For legends and axes: `negative=gradient, temperature=0.1` (the last part of each key)."""
+        short = short_keys(list(self.values))
+        return ", ".join(f"{short[k]}={v}" for k, v in self.values.items()) or "all runs"
 
     @property
     def completed(self) -> list[Job]:
@@ -203,15 +248,29 @@ class Group:
         return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else math.nan, len(values)
 
 
+def short_keys(keys: list[str]) -> dict[str, str]:
+    """Each override key by its last dotted part, or the whole key where two would read the same."""
+    last = [k.rsplit(".", 1)[-1] for k in keys]
+    return {k: (s if last.count(s) == 1 else k) for k, s in zip(keys, last)}
+
+
+def _key(override: str) -> str:
+    return override.partition("=")[0].lstrip("+~")
+
+
 def swept_keys(jobs: list[Job], average_over: tuple[str, ...] = ("seed",)) -> list[str]:
     """Override keys whose value differs between jobs, in the order they were given."""
     keys: list[str] = []
     for job in jobs:
-        for override in job.overrides:
-            key = override.partition("=")[0].lstrip("+~")
+        for key in map(_key, job.overrides):
             if key not in keys and key not in average_over:
                 keys.append(key)
     return [k for k in keys if len({j.value(k) for j in jobs}) > 1]
+
+
+def _value(job: Job, key: str) -> str:
+    value = job.value(key)
+    return "default" if value is None else value  # a separate run that left this key as its config has it
 
 
 def group_jobs(jobs: list[Job], average_over: tuple[str, ...] = ("seed",)) -> list[Group]:
@@ -219,9 +278,69 @@ def group_jobs(jobs: list[Job], average_over: tuple[str, ...] = ("seed",)) -> li
     keys = swept_keys(jobs, average_over)
     groups: dict[tuple, Group] = {}
     for job in jobs:
-        values = {k: str(job.value(k)) for k in keys}
+        values = {k: _value(job, k) for k in keys}
         groups.setdefault(tuple(values.values()), Group(values, [])).jobs.append(job)
     return list(groups.values())
+
+
+@dataclass
+class Setting:
+    """What every table and plot states about the runs compared: dataset, budget, fixed overrides."""
+
+    datasets: list[str]
+    epochs: list[int]
+    fixed: list[str]  # overrides every job shares (the averaged-over keys left out)
+    average_over: tuple[str, ...]
+
+    @property
+    def headline(self) -> str:
+        """`digits, 200 epochs` (several: `cifar10/digits, 2-200 epochs`)."""
+        data = "/".join(self.datasets) or "dataset unknown"
+        if not self.epochs:
+            return data
+        lo, hi = min(self.epochs), max(self.epochs)
+        return f"{data}, {lo if lo == hi else f'{lo}-{hi}'} epoch{'' if hi == 1 else 's'}"
+
+    def fixed_line(self, width: int = 110) -> str:
+        return textwrap.fill("fixed: " + " ".join(self.fixed), width) if self.fixed else ""
+
+
+def setting_of(jobs: list[Job], average_over: tuple[str, ...] = ("seed",)) -> Setting:
+    ran = [j for j in jobs if j.status != "not started"] or jobs
+    varying = set(swept_keys(jobs, average_over=()))
+    fixed = [o for o in ran[0].overrides if _key(o) not in varying and _key(o) not in average_over]
+    fixed = [o for o in fixed if all(o in j.overrides for j in jobs)]
+    return Setting(
+        datasets=sorted({j.dataset for j in ran if j.dataset}),
+        epochs=sorted({j.max_epochs for j in ran if j.max_epochs is not None}),
+        fixed=fixed,
+        average_over=average_over,
+    )
+
+
+METRIC_NAMES = {  # metric key -> words for tables, axes and legends; "%": a share, shown in percent
+    "val/knn_top1": "kNN top-1 (%)",
+    "val/knn_top5": "kNN top-5 (%)",
+    "val/linear_top1": "online linear top-1 (%)",
+    "mining/pos_kept": "mined positives kept per query",
+    "mining/pos_purity": "mined positives of the query's class (%)",
+    "mining/neg_kept": "negatives kept per query",
+    "mining/neg_fn_kept": "false negatives among kept (%)",
+    "mining/neg_fn_dropped": "false negatives among dropped (%)",
+    "mining/neg_grad_share_kept": "gradient share of kept negatives (%)",
+    "mining/neg_sim_kept": "similarity of kept negatives",
+    "mining/neg_sim_dropped": "similarity of dropped negatives",
+}
+
+
+def metric_name(metric: str) -> str:
+    """`val/knn_top1` -> `kNN top-1 (%)`; an unknown metric reads as its last part in words."""
+    return METRIC_NAMES.get(metric, metric.rsplit("/", 1)[-1].replace("_", " "))
+
+
+def shown(metric: str, value: float) -> float:
+    """The value as tables and plots show it: shares in percent."""
+    return 100 * value if metric_name(metric).endswith("(%)") else value
 
 
 def metrics_of(groups: list[Group], prefix: str = "") -> list[str]:
@@ -230,34 +349,40 @@ def metrics_of(groups: list[Group], prefix: str = "") -> list[str]:
     return sorted(names, key=lambda m: (m not in ACCURACY, ACCURACY.index(m) if m in ACCURACY else 0, m))
 
 
-def _cell(mean: float, std: float) -> str:
+def _cell(metric: str, mean: float, std: float) -> str:
     if math.isnan(mean):
         return "-"
-    return f"{mean:.4f}" if math.isnan(std) else f"{mean:.4f} ± {std:.4f}"
+    digits = ".2f" if metric_name(metric).endswith("(%)") else ".4g"
+    mean, std = shown(metric, mean), shown(metric, std)
+    return f"{mean:{digits}}" if math.isnan(std) else f"{mean:{digits}} ± {std:{digits}}"
 
 
 def _table(groups: list[Group], metrics: list[str]) -> list[str]:
     keys = list(groups[0].values)
-    head = [*(keys or ["group"]), "runs", *metrics]
+    head = [*(keys or ["group"]), "runs", *map(metric_name, metrics)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in groups:
         cells = [*(g.values.values() if keys else [g.label]), f"{len(g.completed)}/{len(g.jobs)}"]
-        cells += [_cell(*g.stats(m)[:2]) for m in metrics]
+        cells += [_cell(m, *g.stats(m)[:2]) for m in metrics]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
-def markdown(sweep_dir: Path, jobs: list[Job], groups: list[Group], plots: list[str]) -> str:
-    """The report: results table, diagnostics table, problem jobs, plots."""
+def markdown(title: str, jobs: list[Job], groups: list[Group], plots: list[str], average_over: tuple[str, ...] = ("seed",)) -> str:
+    """The report: setting, results table, diagnostics table, problem jobs, plots."""
     monitors = [m for m in metrics_of(groups) if m.startswith("val/")]
     diagnostics = metrics_of(groups, "mining/")
     counts = {s: sum(j.status == s for j in jobs) for s in ("completed", "failed", "running", "not started")}
+    setting = setting_of(jobs, average_over)
     lines = [
-        f"# Sweep report: {sweep_dir}",
+        f"# Report: {title}",
+        "",
+        f"**{setting.headline}**" + (f"; fixed overrides: `{' '.join(setting.fixed)}`" if setting.fixed else ""),
         "",
         f"{len(jobs)} jobs: {counts['completed']} completed, {counts['failed']} failed, "
         f"{counts['running']} unfinished, {counts['not started']} not started. "
-        "Cells: mean ± sample std over the completed runs of a group (final epoch); runs: completed / planned.",
+        f"Cells: mean ± sample std over the completed runs of a group (final epoch; averaged over: "
+        f"{', '.join(average_over) or 'nothing'}); runs: completed / planned.",
         "",
         "## Results",
         "",
@@ -272,26 +397,28 @@ def markdown(sweep_dir: Path, jobs: list[Job], groups: list[Group], plots: list[
         varying = swept_keys(jobs, average_over=())
         lines += ["## Failed and unfinished jobs", "", "| job | status | swept values | error |", "|---|---|---|---|"]
         for j in problems:
-            values = " ".join(f"{k}={j.value(k)}" for k in varying) or " ".join(j.overrides)
+            values = " ".join(f"{k}={_value(j, k)}" for k in varying) or " ".join(j.overrides)
             error = j.error.splitlines()[0] if j.error else ("still running, or killed" if j.status == "running" else "")
-            lines.append(f"| {j.num} | {j.status} | `{values}` | {error.replace('|', '/')} |")
+            lines.append(f"| {j.name} | {j.status} | `{values}` | {error.replace('|', '/')} |")
         lines.append("")
     if plots:
-        lines += ["## Plots", "", *[f"![{p}]({p})" for p in plots], ""]
+        lines += ["## Plots", ""]
+        for png in plots:
+            lines += [f"![{png}]({png})", f"(vector: [{Path(png).with_suffix('.svg')}]({Path(png).with_suffix('.svg')}))", ""]
     return "\n".join(lines)
 
 
 def summary(groups: list[Group]) -> list[dict[str, Any]]:
-    """report.json: per group, the swept values, job counts and mean/std/n of every final metric."""
+    """report.json: per group, the swept values, job counts and mean/std/n of every final metric (as logged: shares in [0, 1])."""
     out = []
     for g in groups:
         stats = {m: dict(zip(("mean", "std", "n"), g.stats(m))) for m in metrics_of([g])}
         out.append(
             {
                 "values": g.values,
-                "jobs": [j.num for j in g.jobs],
-                "completed": [j.num for j in g.completed],
-                "status": {j.num: j.status for j in g.jobs},
+                "jobs": [j.name for j in g.jobs],
+                "completed": [j.name for j in g.completed],
+                "status": {j.name: j.status for j in g.jobs},
                 "metrics": {
                     m: {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in s.items()} for m, s in stats.items()
                 },
@@ -301,113 +428,146 @@ def summary(groups: list[Group]) -> list[dict[str, Any]]:
 
 
 # --- plots --------------------------------------------------------------------------------
-def plot_accuracy(groups: list[Group], metrics: tuple[str, ...] = ("val/knn_top1", "val/linear_top1")) -> Figure | None:
+def _titled(fig: Figure, what: str, setting: Setting) -> Figure:
+    """A title that says what is drawn, on which dataset and budget, and what every run shared."""
+    width = int(fig.get_figwidth() * 16)
+    fixed = setting.fixed_line(width)
+    fig.suptitle(f"{what}\n{setting.headline}" + (f"\n{fixed}" if fixed else ""), fontsize="medium")
+    return fig
+
+
+def plot_accuracy(groups: list[Group], setting: Setting, metrics: tuple[str, ...] = ("val/knn_top1", "val/linear_top1")) -> Figure | None:
     """Final accuracy per group: bars at the mean, error bars one std, a dot per seed."""
     groups = [g for g in groups if g.completed]
     metrics = tuple(m for m in metrics if any(m in j.final for g in groups for j in g.completed))
     if not metrics:
         return None
-    fig = Figure(figsize=(max(5.0, 1.2 * len(groups) * len(metrics)), 3.8), layout="constrained")
+    fig = Figure(figsize=(max(6.0, 1.2 * len(groups) * len(metrics)), 4.4), layout="constrained")
     ax = fig.subplots()
     width = 0.8 / len(metrics)
     for i, metric in enumerate(metrics):
         x = np.arange(len(groups)) + (i - (len(metrics) - 1) / 2) * width
         stats = [g.stats(metric) for g in groups]
-        ax.bar(x, [s[0] for s in stats], width, yerr=[0 if math.isnan(s[1]) else s[1] for s in stats], capsize=3, label=metric, alpha=0.8)
+        errors = [0 if math.isnan(s[1]) else shown(metric, s[1]) for s in stats]
+        ax.bar(x, [shown(metric, s[0]) for s in stats], width, yerr=errors, capsize=3, label=metric_name(metric), alpha=0.8)
         for xi, g in zip(x, groups):
-            seeds = [j.final[metric] for j in g.completed if metric in j.final]
+            seeds = [shown(metric, j.final[metric]) for j in g.completed if metric in j.final]
             ax.scatter([xi] * len(seeds), seeds, color="black", s=10, zorder=3)
     ax.set_xticks(np.arange(len(groups)), [g.label for g in groups], rotation=20, ha="right")
-    ax.set_ylabel("final value")
-    ax.set_title("mean ± std over seeds; a dot per run", fontsize="medium")
+    ax.set_ylabel("top-1 accuracy at the last epoch (%)")
     ax.legend(fontsize="small")
-    return fig
+    return _titled(fig, "Final accuracy: mean ± std over seeds, a dot per run", setting)
 
 
 def _plot_history(ax, groups: list[Group], metric: str) -> bool:
-    drawn = False
+    drawn, every = False, set()
     for colour, g in enumerate(groups):  # a group keeps its colour C<i> in every panel
         curves = [j.history[metric] for j in g.completed if metric in j.history]
         epochs = sorted({e for c in curves for e in c})
         if not epochs:
             continue
-        values = np.array([[c.get(e, np.nan) for e in epochs] for c in curves])  # runs x epochs
+        values = np.array([[shown(metric, c.get(e, np.nan)) for e in epochs] for c in curves])  # runs x epochs
         mean = np.nanmean(values, axis=0)
         std = np.nanstd(values, axis=0, ddof=1) if len(curves) > 1 else np.zeros_like(mean)
-        ax.plot(epochs, mean, marker="o", markersize=3, color=f"C{colour}", label=f"{g.label} (n={len(curves)})")
-        ax.fill_between(epochs, mean - std, mean + std, color=f"C{colour}", alpha=0.2)
-        drawn = True
+        x = np.array(epochs) + 1  # metrics.csv counts epochs from 0; a value logged in epoch e is after e + 1 epochs
+        ax.plot(x, mean, marker="o", markersize=3, color=f"C{colour}", label=f"{g.label} (n={len(curves)})")
+        if len(x) > 1:
+            ax.fill_between(x, mean - std, mean + std, color=f"C{colour}", alpha=0.2)
+        else:  # one epoch: a band would be a line; error bars
+            ax.errorbar(x, mean, yerr=std, fmt="none", ecolor=f"C{colour}", capsize=4)
+        drawn, every = True, every | set(x.tolist())
+    if every and max(every) - min(every) < 4:  # a short run: whole epochs, with room around the points
+        ax.set_xlim(min(every) - 0.5, max(every) + 0.5)
+        ax.set_xticks(sorted(every))
+    else:
+        ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("epoch")
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.set_title(metric, fontsize="medium")
+    ax.set_ylabel(metric_name(metric))
     return drawn
 
 
-def plot_history(groups: list[Group], metric: str = "val/knn_top1") -> Figure | None:
+def plot_history(groups: list[Group], setting: Setting, metric: str = "val/knn_top1") -> Figure | None:
     """One metric over epochs: a line per group (mean over seeds) with a one-std band."""
-    fig = Figure(figsize=(6.0, 3.8), layout="constrained")
+    fig = Figure(figsize=(7.0, 4.4), layout="constrained")
     ax = fig.subplots()
     if not _plot_history(ax, groups, metric):
         return None
-    ax.set_title(f"{metric} (mean ± std over seeds)", fontsize="medium")
     ax.legend(fontsize="small")
-    return fig
+    return _titled(fig, f"{metric_name(metric)} per epoch: mean ± std over seeds", setting)
 
 
-def plot_diagnostics(groups: list[Group]) -> Figure | None:
+def plot_diagnostics(groups: list[Group], setting: Setting) -> Figure | None:
     """Every `mining/*` metric over epochs, one panel each."""
     names = metrics_of(groups, "mining/")
     if not names:
         return None
     cols = min(3, len(names))
     rows = math.ceil(len(names) / cols)
-    fig = Figure(figsize=(4.2 * cols, 3.0 * rows + 0.6), layout="constrained")
+    fig = Figure(figsize=(max(6.5, 4.4 * cols), 3.0 * rows + 1.2), layout="constrained")
     axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
     for ax, name in zip(axes, names):
         _plot_history(ax, groups, name)
+        ax.set_title(metric_name(name), fontsize="medium")
+        ax.set_ylabel("")
     for ax in axes[len(names) :]:
         ax.set_axis_off()
-    fig.suptitle("mining diagnostics per epoch (mean ± std over seeds)")
     legend = {label: handle for ax in axes for handle, label in zip(*ax.get_legend_handles_labels())}  # every group once
     order = [g.label for g in groups]
     labels = sorted(legend, key=lambda label: order.index(label.rsplit(" (n=", 1)[0]))
     fig.legend([legend[k] for k in labels], labels, loc="outside lower center", ncols=min(4, len(labels)), fontsize="small")
-    return fig
+    return _titled(fig, "Mining diagnostics per epoch: mean ± std over seeds", setting)
 
 
-def write_report(sweep_dir: str | Path, out: str | Path | None = None, average_over: tuple[str, ...] = ("seed",)) -> Path:
-    """Write report.md, report.json and the plots into `out` (default: the sweep dir)."""
-    sweep_dir = Path(sweep_dir)
-    jobs = load_sweep(sweep_dir)
-    out = Path(out) if out is not None else sweep_dir
+PLOTS = ("accuracy", "knn_over_epochs", "diagnostics")  # written as <name>.png and <name>.svg
+
+
+def figures(groups: list[Group], setting: Setting) -> dict[str, Figure | None]:
+    return {
+        "accuracy": plot_accuracy(groups, setting),
+        "knn_over_epochs": plot_history(groups, setting, "val/knn_top1"),
+        "diagnostics": plot_diagnostics(groups, setting),
+    }
+
+
+def write_report(dirs: str | Path | list[str | Path], out: str | Path | None = None, average_over: tuple[str, ...] = ("seed",)) -> Path:
+    """Write report.md, report.json and the plots (PNG and SVG) into `out` (default: the one dir
+    given; with several, reports/<date_time> under the working directory)."""
+    dirs = [dirs] if isinstance(dirs, (str, Path)) else list(dirs)
+    jobs = load_runs(*dirs)
+    if out is None:
+        out = Path(dirs[0]) if len(dirs) == 1 else Path("reports") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     groups = group_jobs(jobs, average_over)
+    setting = setting_of(jobs, average_over)
     plots = []
-    for name, fig in (
-        ("accuracy.png", plot_accuracy(groups)),
-        ("knn_over_epochs.png", plot_history(groups, "val/knn_top1")),
-        ("diagnostics.png", plot_diagnostics(groups)),
-    ):
+    for name, fig in figures(groups, setting).items():
         if fig is not None:
-            fig.savefig(out / name, dpi=120)
-            plots.append(name)
-    (out / "report.md").write_text(markdown(sweep_dir, jobs, groups, plots))
-    (out / "report.json").write_text(json.dumps({"groups": summary(groups), "plots": plots}, indent=2))
+            fig.savefig(out / f"{name}.png", dpi=150)
+            fig.savefig(out / f"{name}.svg")
+            plots.append(f"{name}.png")
+    title = ", ".join(map(str, dirs))
+    (out / "report.md").write_text(markdown(title, jobs, groups, plots, average_over))
+    vector = [str(Path(p).with_suffix(".svg")) for p in plots]
+    report = {"dirs": [str(d) for d in dirs], "setting": vars(setting) | {"average_over": list(average_over)}, "groups": summary(groups)}
+    (out / "report.json").write_text(json.dumps({**report, "plots": plots, "vector_plots": vector}, indent=2))
     return out / "report.md"
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m mcl.report", description=__doc__.splitlines()[0])
-    parser.add_argument("sweep_dir", help="a multirun dir of `python -m mcl.train -m ...` (multirun/<task_name>/<date_time>)")
-    parser.add_argument("--out", default=None, help="write the report here instead of into the sweep dir")
+    parser.add_argument(
+        "dirs", nargs="+", help="sweep dirs (multirun/<task>/<date_time>), run dirs (outputs/<task>/<date_time>) or folders of them"
+    )
+    parser.add_argument("--out", default=None, help="write the report here (default: the one dir given; with several, reports/<date_time>)")
     parser.add_argument("--average-over", nargs="*", default=["seed"], help="override keys averaged over (default: seed)")
     args = parser.parse_args(argv)
     try:
-        path = write_report(args.sweep_dir, args.out, tuple(args.average_over))
+        path = write_report(args.dirs, args.out, tuple(args.average_over))
     except FileNotFoundError as err:
         parser.exit(2, f"mcl.report: {err}\n")
     print(path.read_text())
-    print(f"written: {path} (and report.json, plots) in {path.parent}")
+    print(f"written: {path} (and report.json, plots as PNG and SVG) in {path.parent}")
 
 
 if __name__ == "__main__":

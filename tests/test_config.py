@@ -72,15 +72,17 @@ def test_every_trainer_composes_and_the_cpu_ones_run(tmp_path):
         ("cifar10", lambda root: write_cifar(root, "cifar10"), []),
         ("cifar100", lambda root: write_cifar(root, "cifar100"), []),
         ("stl10", write_stl10, ["data.batch_size=4", "model.queue_size=8"]),
-        ("tinyimagenet", write_tinyimagenet, ["data.batch_size=2", "model.queue_size=8"]),
+        ("tinyimagenet", write_tinyimagenet, ["data.batch_size=2", "model.queue_size=8", "dataset.num_classes=2"]),
         ("imagefolder", write_image_folder, ["data.batch_size=2", "model.queue_size=8", "dataset.image_size=24", "model.bn_splits=1"]),
     ],
 )
 def test_every_dataset_trains(tmp_path, trusted, dataset, writer, extra):  # noqa: F811
     writer(tmp_path)
     root = "dataset.root" if dataset == "imagefolder" else "paths.data_dir"
+    cache = f"paths.cache_dir={tmp_path / 'cache'}"
     run_fast(
-        tmp_path, [f"dataset={dataset}", f"{root}={tmp_path}", "data.batch_size=4", "model.queue_size=16", "model.bn_splits=2", *extra]
+        tmp_path,
+        [f"dataset={dataset}", f"{root}={tmp_path}", cache, "data.batch_size=4", "model.queue_size=16", "model.bn_splits=2", *extra],
     )
 
 

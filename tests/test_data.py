@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -94,12 +95,51 @@ def test_stl10_unlabelled_images_get_label_minus_one(tmp_path, trusted):
 
 
 def test_tinyimagenet_official_layout_and_cache(tmp_path):
-    write_tinyimagenet(tmp_path)
-    train, val = sources.tinyimagenet(str(tmp_path))
+    write_tinyimagenet(tmp_path / "data")
+    cache_dir = tmp_path / "cache"
+    base = tmp_path / "data" / "tiny-imagenet-200"
+    train, val = sources.tinyimagenet(str(tmp_path / "data"), num_classes=2, cache_dir=str(cache_dir))
     assert train.array.shape == (6, 64, 64, 3) and val.labels.tolist() == [0, 1]
-    assert (tmp_path / "tiny-imagenet-200" / "mcl_cache.npz").is_file()
-    again, _ = sources.tinyimagenet(str(tmp_path))
+    [cache] = cache_dir.glob("tinyimagenet-*.npz")
+    assert not list(base.rglob("*.npz"))  # the dataset folder may be a read-only shared copy: nothing written there
+    again, _ = sources.tinyimagenet(str(tmp_path / "data"), num_classes=2, cache_dir=str(cache_dir))
     assert np.array_equal(again.array, train.array)
+
+    built = cache.stat().st_mtime_ns
+    write_image(base / "train" / "n01443537" / "images" / "n01443537_3.JPEG", 64, 200)  # the folder changed: rebuilt
+    grown, _ = sources.tinyimagenet(str(tmp_path / "data"), num_classes=2, cache_dir=str(cache_dir))
+    assert len(grown) == 7 and grown.array[3].mean() == pytest.approx(200, abs=2)
+    assert cache.stat().st_mtime_ns != built and list(cache_dir.glob("tinyimagenet-*.npz")) == [cache]
+
+
+def test_tinyimagenet_cached_labels_are_checked_too(tmp_path):
+    write_tinyimagenet(tmp_path)
+    sources.tinyimagenet(str(tmp_path), num_classes=2, cache_dir=str(tmp_path / "cache"))
+    [cache] = (tmp_path / "cache").glob("*.npz")
+    with np.load(cache) as f:
+        arrays = dict(f)
+    arrays["y_train"][0] = 7  # a cache written by another version, or edited: same key, bad label
+    np.savez(cache, **arrays)
+    with pytest.raises(DatasetError, match=r"labels must lie in \[0, 2\)"):
+        sources.tinyimagenet(str(tmp_path), num_classes=2, cache_dir=str(tmp_path / "cache"))
+
+
+def test_tinyimagenet_cache_dir_that_cannot_be_written_is_a_warning(tmp_path):
+    write_tinyimagenet(tmp_path)
+    (tmp_path / "not_a_dir").write_text("")
+    with pytest.warns(UserWarning, match="could not write the decoded cache.*set paths.cache_dir"):
+        train, _ = sources.tinyimagenet(str(tmp_path), num_classes=2, cache_dir=str(tmp_path / "not_a_dir"))
+    assert len(train) == 6
+
+
+def test_tinyimagenet_with_extra_class_folders_says_how_many_and_which_knob(tmp_path):
+    write_tinyimagenet(tmp_path)
+    train = tmp_path / "tiny-imagenet-200" / "train"
+    write_image(train / "n99999999" / "images" / "x.JPEG", 64)  # a third class
+    (train / ".ipynb_checkpoints").mkdir()  # hidden: not a class
+    with pytest.raises(DatasetError, match=r"found 3 class folders under .*dataset.num_classes=2: set dataset.num_classes=3"):
+        sources.tinyimagenet(str(tmp_path), num_classes=2)
+    assert len(sources.tinyimagenet(str(tmp_path), num_classes=3)[0]) == 7
 
 
 def test_image_folder(tmp_path):
@@ -107,6 +147,28 @@ def test_image_folder(tmp_path):
     train, val = sources.image_folder(str(tmp_path))
     assert len(train) == 6 and len(val) == 2 and sorted(set(train.labels.tolist())) == [0, 1]
     assert train.image(0).shape == (3, 24, 24)
+
+
+def test_image_folder_skips_hidden_folders_and_files(tmp_path):
+    write_image_folder(tmp_path)
+    write_image(tmp_path / "train" / ".ipynb_checkpoints" / "0.png", 24)  # Jupyter's folder: not a class
+    write_image(tmp_path / "train" / "cat" / ".thumbs" / "0.png", 24)  # hidden folder inside a class
+    write_image(tmp_path / "train" / "dog" / "._0.png", 24)  # macOS resource fork
+    train, val = sources.image_folder(str(tmp_path))
+    assert len(train) == 6 and sorted(set(train.labels.tolist())) == [0, 1]
+    assert not any("/." in p for p in train.paths)
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_image_folder_warns_when_images_are_much_smaller_than_image_size(tmp_path, verify):
+    write_image_folder(tmp_path)  # 24-px images
+    with pytest.warns(
+        sources.DatasetWarning, match=r"about 24 px .*dataset.image_size=224.*upscaled 9x.*dataset.image_size=24.*dataset.small_images=true"
+    ):
+        sources.image_folder(str(tmp_path), verify=verify, image_size=224)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # near the image size: no warning
+        sources.image_folder(str(tmp_path), verify=verify, image_size=32)
 
 
 def test_npz_and_grayscale(tmp_path):

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +17,11 @@ import torch
 import torchvision
 from conftest import make_cfg
 from hydra import compose, initialize_config_dir
+from torch.utils.data import DataLoader, TensorDataset
 
-from mcl.eval.common import EvalError, load_checkpoint
+from mcl.eval.common import EvalError, load_checkpoint, write_result
 from mcl.eval.linear import CONF_DIR as EVAL_CONF_DIR
-from mcl.eval.linear import linear_eval
+from mcl.eval.linear import ProbeDivergedWarning, fit_classifier, linear_eval, probe_diverged
 from mcl.export import backbone_state_dict, export, torchvision_recipe
 from mcl.models import WidthResNet
 from mcl.train import train
@@ -152,3 +155,38 @@ def test_bad_evaluation_input_is_one_clear_error(checkpoint, tmp_path):
 
     with pytest.raises(EvalError, match="k must be"):
         knn_grid(eval_cfg("knn", [f"ckpt_path={checkpoint}", "k=[]"]))
+
+
+def test_probe_divergence_is_a_warning_and_a_sane_probe_is_not():
+    torch.manual_seed(0)
+    y = torch.arange(64) % 4
+    feats = torch.randn(64, 8) + 3 * torch.nn.functional.one_hot(y, 8).float()  # separable, 4 classes
+    noise = torch.randint(0, 4, (64,))  # labels a linear layer cannot fit: the loss stays up
+    loader = DataLoader(TensorDataset(torch.randn(64, 8) * 50, noise), batch_size=16, shuffle=True)  # large features, lr 30
+    protocol = eval_cfg("linear", ["ckpt_path=x", "protocol=fast", "protocol.epochs=5", "protocol.milestones=[]"]).protocol
+    with pytest.warns(ProbeDivergedWarning, match=r"ended at .*above ln\(4\) = 1.39.*protocol.lr=30.*protocol.lr=1"):
+        _, loss = fit_classifier(loader, None, 8, 4, protocol, torch.device("cpu"))
+    assert probe_diverged(loss, 4)
+    protocol.lr = 0.01
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, loss = fit_classifier(DataLoader(TensorDataset(feats, y), batch_size=16), None, 8, 4, protocol, torch.device("cpu"))
+    assert not probe_diverged(loss, 4) and loss < math.log(4)
+
+
+def test_a_rerun_never_overwrites_an_evaluation_result(tmp_path):
+    ckpt = tmp_path / "last.ckpt"
+    paths = [write_result(ckpt, "linear-lab", {"run": i}) for i in range(3)]
+    assert [p.name for p in paths] == ["last.linear-lab.json", "last.linear-lab.2.json", "last.linear-lab.3.json"]
+    assert [json.loads(p.read_text())["run"] for p in paths] == [0, 1, 2]
+
+
+def test_recipe_for_a_width_other_than_64_runs_as_printed(tmp_path):
+    backbone = WidthResNet("resnet18", width=8, cifar_stem=True)
+    torch.save(backbone.state_dict(), tmp_path / "w8.pt")
+    namespace: dict = {}
+    exec(
+        torchvision_recipe({"arch": "resnet18", "width": 8, "cifar_stem": True}, str(tmp_path / "w8.pt")), namespace
+    )  # imports torch itself
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(namespace["model"].eval()(x), backbone.eval()(x))

@@ -64,12 +64,12 @@ def test_sweep_2x2_over_two_seeds_reports_groups_counts_and_means(tmp_path):
     assert "8 jobs: 8 completed, 0 failed" in markdown
     rows = table_rows(markdown, "Results")
     head = markdown.split("## Results\n", 1)[1].split("\n")[1]
-    assert head.startswith("| model.temperature | mining.negative.exclude_self | runs | val/knn_top1 |")  # seed is averaged over
+    assert head.startswith("| model.temperature | mining.negative.exclude_self | runs | kNN top-1 (%) |")  # seed is averaged over
     assert len(rows) == 4
     for temperature, exclude_self, runs, knn_cell, *_ in rows:
         values = finals[(temperature, exclude_self)]
         assert runs == "2/2"
-        assert knn_cell == f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"
+        assert knn_cell == f"{100 * np.mean(values):.2f} ± {100 * np.std(values, ddof=1):.2f}"  # percent
     groups = json.loads((sweep / "report.json").read_text())["groups"]
     assert [g["metrics"]["val/knn_top1"]["n"] for g in groups] == [2, 2, 2, 2]
     for g in groups:
@@ -78,6 +78,7 @@ def test_sweep_2x2_over_two_seeds_reports_groups_counts_and_means(tmp_path):
     for plot in ("accuracy.png", "knn_over_epochs.png"):
         assert (sweep / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"![{plot}]({plot})" in markdown
+        assert b"<svg" in (sweep / plot).with_suffix(".svg").read_bytes()[:1000]
 
 
 @pytest.mark.slow

@@ -6,6 +6,9 @@ ImageFolder holds file paths and decodes per image. Labels feed monitors and dia
 
 from __future__ import annotations
 
+import hashlib
+import os
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,10 +16,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 
 class DatasetError(ValueError):
     """Bad or missing dataset files; raised before training starts."""
+
+
+class DatasetWarning(UserWarning):
+    """Data that trains, but probably not as meant (e.g. tiny images upscaled to a large image_size)."""
 
 
 @dataclass
@@ -90,6 +99,7 @@ def stl10(root: str, train_split: str = "train+unlabeled", download: bool = Fals
 
 
 TINY_LAYOUT = "tiny-imagenet-200/{wnids.txt, train/<wnid>/images/*.JPEG, val/images/*.JPEG, val/val_annotations.txt}"
+TINY_ARRAYS = ("x_train", "y_train", "x_test", "y_test")
 
 
 def _read_rgb(paths: list[Path]) -> np.ndarray:
@@ -103,19 +113,57 @@ def _read_rgb(paths: list[Path]) -> np.ndarray:
         raise DatasetError(f"images under {paths[0].parent} do not all have the same size: {err}") from err
 
 
-def tinyimagenet(root: str, num_classes: int = 200) -> tuple[Images, Images]:
-    """The official tiny-imagenet-200 layout; decoded once into memory (cached as .npz beside it)."""
+def _files_key(files: list[Path]) -> str:
+    """Changes when a file is added, removed, renamed, resized or touched: the cache's validity."""
+    digest = hashlib.sha256()
+    for p in files:
+        st = p.stat()
+        digest.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _read_cache(path: Path, key: str) -> dict[str, np.ndarray] | None:
+    """The cached arrays when the file exists, is readable and was built from these files."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return {k: f[k] for k in TINY_ARRAYS} if str(f["key"]) == key else None
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
+        return None
+
+
+def _write_cache(path: Path, key: str, arrays: dict[str, np.ndarray]) -> None:
+    """Written beside, then renamed into place: a killed run never leaves a torn cache."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        with partial.open("wb") as f:
+            np.savez(f, key=np.array(key), **arrays)
+        os.replace(partial, path)
+    except OSError as err:
+        warnings.warn(
+            f"tinyimagenet: could not write the decoded cache {path} ({err}); set paths.cache_dir to a writable folder", stacklevel=2
+        )
+
+
+def tinyimagenet(root: str, num_classes: int | None = 200, cache_dir: str | None = None) -> tuple[Images, Images]:
+    """The official tiny-imagenet-200 layout, decoded once into memory.
+
+    cache_dir: the decoded arrays (1.3 GB) are kept in `<cache_dir>/tinyimagenet-<hash of the
+    folder's path>.npz` (the dataset folder may be a read-only shared copy), rebuilt whenever a
+    file under the folder is added, removed or changed; None: decode on every run.
+    """
     base = Path(root) / "tiny-imagenet-200"
     annotations = base / "val" / "val_annotations.txt"
     if not (base / "train").is_dir() or not annotations.is_file():
         raise _missing("tinyimagenet", base, TINY_LAYOUT)
-    cache = base / "mcl_cache.npz"
-    if cache.is_file():
-        with np.load(cache) as f:
-            return Images(f["y_train"], f["x_train"]), Images(f["y_test"], f["x_test"])
-    wnids = sorted(p.name for p in (base / "train").iterdir() if p.is_dir())
+    wnids = sorted(p.name for p in (base / "train").iterdir() if p.is_dir() and not p.name.startswith("."))
+    if num_classes is not None and len(wnids) != num_classes:
+        raise DatasetError(
+            f"tinyimagenet: found {len(wnids)} class folders under {base / 'train'}, but dataset.num_classes={num_classes}: "
+            f"set dataset.num_classes={len(wnids)} to train on all of them, or remove the extra folders"
+        )
     cls = {w: i for i, w in enumerate(wnids)}
-    train = sorted((p, cls[p.parent.parent.name]) for p in (base / "train").glob("*/images/*"))
+    train = sorted((p, cls[p.parent.parent.name]) for p in (base / "train").glob("*/images/*") if p.parent.parent.name in cls)
     val = []
     for line in annotations.read_text().splitlines():
         name, wnid = line.split("\t")[:2]
@@ -124,45 +172,90 @@ def tinyimagenet(root: str, num_classes: int = 200) -> tuple[Images, Images]:
         val.append((base / "val" / "images" / name, cls[wnid]))
     if not train or not val:
         raise _missing("tinyimagenet", base, TINY_LAYOUT)
-    out = [_checked("tinyimagenet", _read_rgb([p for p, _ in s]), np.array([c for _, c in s]), num_classes) for s in (train, val)]
-    np.savez(cache, x_train=out[0].array, y_train=out[0].labels, x_test=out[1].array, y_test=out[1].labels)
-    return out[0], out[1]
+    cache, key, arrays = None, None, None
+    if cache_dir is not None:
+        cache = Path(cache_dir) / f"tinyimagenet-{hashlib.sha256(str(base.resolve()).encode()).hexdigest()[:12]}.npz"
+        key = _files_key([annotations, *(p for p, _ in train), *(p for p, _ in val)])
+        arrays = _read_cache(cache, key)
+    if arrays is None:
+        splits = [(_read_rgb([p for p, _ in s]), np.array([c for _, c in s])) for s in (train, val)]
+        arrays = dict(zip(TINY_ARRAYS, (*splits[0], *splits[1])))
+        if cache is not None:
+            _write_cache(cache, key, arrays)
+    return (  # the cached copy passes the same checks as a fresh decode
+        _checked("tinyimagenet", arrays["x_train"], arrays["y_train"], num_classes),
+        _checked("tinyimagenet", arrays["x_test"], arrays["y_test"], num_classes),
+    )
 
 
-def _readable_image(path: str) -> None:
-    """Opens the file's header (cheap, no decoding): catches empty, truncated-header and non-image files."""
+def _image_size(path: str) -> tuple[int, int]:
+    """(width, height) from the file's header (cheap, no decoding): catches empty, truncated-header and non-image files."""
     try:
         with Image.open(path) as im:
             if min(im.size) < 1:
                 raise ValueError(f"size {im.size}")
+            return im.size
     except Exception as err:
         raise DatasetError(f"imagefolder: {path} is not a readable image ({type(err).__name__}: {err})") from err
 
 
-def image_folder(root: str, train_dir: str = "train", val_dir: str = "val", verify: bool = True) -> tuple[Images, Images]:
+def _warn_if_upscaled(sides: list[int], image_size: int) -> None:
+    """The views resize every image to image_size: a 32-px image at 224 px costs 49x the compute and adds nothing."""
+    side = int(np.median(sides))
+    if 2 * side <= image_size:
+        warnings.warn(
+            f"imagefolder: the images are about {side} px on their short side (median of {len(sides)}), much smaller than "
+            f"dataset.image_size={image_size}: every view is upscaled {image_size / side:.0f}x, which costs compute and adds "
+            f"no detail. Set dataset.image_size={side}, and for images of 64 px or less also dataset.small_images=true "
+            f"(the CIFAR stem: 3x3 stride-1 conv, no max-pool).",
+            DatasetWarning,
+            stacklevel=3,
+        )
+
+
+class VisibleImageFolder(ImageFolder):
+    """torchvision's ImageFolder without hidden entries (`.ipynb_checkpoints/`, `.DS_Store`, `._x.jpg`)."""
+
+    def __init__(self, root: str):
+        super().__init__(root, is_valid_file=lambda file: self.visible(file) and has_file_allowed_extension(file, IMG_EXTENSIONS))
+
+    def visible(self, file: str) -> bool:
+        return not any(part.startswith(".") for part in Path(file).relative_to(self.root).parts)
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        classes = [c for c in super().find_classes(directory)[0] if not c.startswith(".")]
+        if not classes:
+            raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
+        return classes, {c: i for i, c in enumerate(classes)}
+
+
+def image_folder(
+    root: str, train_dir: str = "train", val_dir: str = "val", verify: bool = True, image_size: int | None = None
+) -> tuple[Images, Images]:
     """root/{train,val}/<class>/<image>, read per image (torchvision's ImageFolder rules).
 
-    Images may differ in size: the views crop and resize them. verify: open every file's header
-    before training, so a corrupt file stops the run now rather than hours in.
+    Hidden folders and files (names starting with '.') are skipped. Images may differ in size:
+    the views crop and resize them. verify: open every file's header before training, so a
+    corrupt file stops the run now rather than hours in. image_size: the views' size; images
+    much smaller (short side at most half of it, median over the headers read) get a warning.
     """
-    from torchvision.datasets import ImageFolder
-
     splits = []
     for sub in (train_dir, val_dir):
         path = Path(root) / sub
         if not path.is_dir():
             raise _missing("imagefolder", path, f"{root}/{{{train_dir},{val_dir}}}/<class>/<image files>")
         try:
-            folder = ImageFolder(str(path))
+            folder = VisibleImageFolder(str(path))
         except FileNotFoundError as err:  # torchvision: a class folder without images
             raise DatasetError(f"imagefolder: {err}") from err
         splits.append(folder)
     if splits[0].classes != splits[1].classes:
         raise DatasetError(f"imagefolder: {train_dir} and {val_dir} have different class folders")
-    if verify:
-        for folder in splits:
-            for path, _ in folder.samples:
-                _readable_image(path)
+    files = [path for folder in splits for path, _ in folder.samples]
+    checked = files if verify else files[:: max(1, len(files) // 64)]  # without verify: a sample of the headers
+    sizes = [_image_size(path) for path in checked]
+    if image_size is not None:
+        _warn_if_upscaled([min(size) for size in sizes], image_size)
     return tuple(Images(labels=np.array(f.targets, dtype=np.int64), paths=[p for p, _ in f.samples]) for f in splits)
 
 

@@ -3,7 +3,9 @@ config, rebuild that run's data, extract frozen backbone features."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +18,22 @@ from mcl.data.datamodule import ContrastiveDataModule
 from mcl.module import MCLModule
 
 RUN_CONFIG = "config_resolved.yaml"  # what mcl.train writes into every run dir
+REPO = Path(__file__).resolve().parents[2]  # the checkout mcl is installed from (editable), holding conf/
 
 
 class EvalError(ValueError):
     """A checkpoint or evaluation setting that cannot be used; raised before any work starts."""
+
+
+def work_from_repo() -> Path:
+    """Make the repository root the working directory, as on the command line, and return it.
+
+    Jupyter starts a notebook's kernel in the notebook's folder (notebooks/); after this call the
+    relative paths a notebook is given (a sweep dir, a checkpoint) and those in a run's config
+    (the data dir, `data` by default) read from the repository root, wherever the kernel started.
+    """
+    os.chdir(REPO)
+    return REPO
 
 
 def device_of(name: str) -> torch.device:
@@ -75,8 +89,15 @@ def labelled(feats: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, t
 
 
 def write_result(ckpt_path: str | Path, name: str, result: dict[str, Any]) -> Path:
-    """`<checkpoint stem>.<name>.json` next to the checkpoint."""
+    """`<checkpoint stem>.<name>.json` next to the checkpoint; never overwrites an earlier result:
+    a rerun (other settings, another seed) writes `<stem>.<name>.2.json`, then `.3.json`, ..."""
     ckpt_path = Path(ckpt_path)
-    path = ckpt_path.with_name(f"{ckpt_path.stem}.{name}.json")
-    path.write_text(json.dumps(result, indent=2))
-    return path
+    text = json.dumps(result, indent=2)
+    for n in itertools.count(1):
+        path = ckpt_path.with_name(f"{ckpt_path.stem}.{name}{'' if n == 1 else f'.{n}'}.json")
+        try:
+            with path.open("x") as f:  # exclusive: two evaluations at once never take the same name
+                f.write(text)
+            return path
+        except FileExistsError:
+            continue

@@ -2,7 +2,7 @@
 
 Features of the un-augmented train and test splits are extracted once; every (k, t) of the grid
 (conf/eval/knn.yaml) reuses them. Prints the grid and writes `<ckpt stem>.knn.json` beside the
-checkpoint. The best cell is picked on the test split, so it is an optimistic figure; the lab
+checkpoint (a rerun: `<ckpt stem>.knn.2.json`, ...). The best cell is picked on the test split, so it is an optimistic figure; the lab
 protocol's k=200, t=0.1 is the one to compare across runs.
 """
 

@@ -3,11 +3,14 @@
 protocol=lab (default, METHOD.md): a linear classifier on the backbone features of augmented
 training images (random resized crop + flip), SGD lr 30 Nesterov, 100 epochs, lr x0.1 at 60 and
 80. protocol=fast: the same optimiser on features of the un-augmented images, extracted once.
-Top-1/top-5 on the test split are printed and written to `<ckpt stem>.linear-<protocol>.json`.
+Top-1/top-5 on the test split are printed and written to `<ckpt stem>.linear-<protocol>.json`
+(a rerun: `.linear-<protocol>.2.json`, ...). A training loss that ends above chance level is a warning.
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +30,23 @@ from mcl.monitors import topk_accuracy
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf" / "eval")
 
 
+class ProbeDivergedWarning(UserWarning):
+    """The linear classifier's training loss ended above chance level: its accuracy means little."""
+
+
+def probe_diverged(loss: float, num_classes: int) -> bool:
+    """A final training loss above ln(num_classes) (a uniform guess's), or not finite."""
+    return not loss <= math.log(num_classes)
+
+
 def fit_classifier(
     loader: DataLoader, backbone: nn.Module | None, dim: int, num_classes: int, p: DictConfig, device: torch.device
-) -> nn.Linear:
-    """SGD on a linear layer; `backbone` (frozen, eval mode) turns image batches into features, None: batches are features."""
+) -> tuple[nn.Linear, float]:
+    """SGD on a linear layer; `backbone` (frozen, eval mode) turns image batches into features, None: batches are features.
+
+    Returns the classifier and its last epoch's mean training loss. A loss that ends above
+    ln(num_classes), the loss of a uniform guess, means the optimiser diverged: a warning says so.
+    """
     classifier = nn.Linear(dim, num_classes).to(device)
     optimizer = torch.optim.SGD(classifier.parameters(), lr=p.lr, momentum=p.momentum, nesterov=p.nesterov, weight_decay=p.weight_decay)
     schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(p.milestones), gamma=p.gamma)
@@ -49,7 +65,16 @@ def fit_classifier(
         schedule.step()
         if (epoch + 1) % max(1, p.epochs // 10) == 0 or epoch + 1 == p.epochs:
             print(f"epoch {epoch + 1}/{p.epochs}: train loss {total / count:.4f}")
-    return classifier
+    final = total / count
+    if probe_diverged(final, num_classes):
+        warnings.warn(
+            f"linear probe: the training loss ended at {final:.4g}, above ln({num_classes}) = {math.log(num_classes):.2f}, the loss of a "
+            f"uniform guess: the optimiser diverged at protocol.lr={p.lr} on these features, so its accuracy means little. "
+            f"Rerun with a smaller protocol.lr (e.g. protocol.lr={p.lr / 30:g}).",
+            ProbeDivergedWarning,
+            stacklevel=2,
+        )
+    return classifier, final
 
 
 def linear_eval(cfg: DictConfig) -> dict[str, Any]:
@@ -75,7 +100,7 @@ def linear_eval(cfg: DictConfig) -> dict[str, Any]:
     if len(train_set) == 0:
         raise EvalError(f"dataset {datamodule.dataset_cfg['name']} has no labelled training image to fit a classifier on")
     loader = DataLoader(train_set, batch_size=p.batch_size, shuffle=True, num_workers=cfg.num_workers if p.augment else 0)
-    classifier = fit_classifier(loader, extractor, module.backbone.out_dim, datamodule.num_classes, p, device)
+    classifier, final_loss = fit_classifier(loader, extractor, module.backbone.out_dim, datamodule.num_classes, p, device)
     test_feats, test_labels = extract_features(backbone, plain_test, device)  # Q x D, Q
     with torch.no_grad():
         logits = classifier(test_feats.to(device)).cpu()  # Q x C
@@ -84,11 +109,13 @@ def linear_eval(cfg: DictConfig) -> dict[str, Any]:
         "dataset": datamodule.dataset_cfg["name"],
         "protocol": p.name,
         "epochs": p.epochs,
-        "settings": OmegaConf.to_container(p),  # the whole protocol: a rerun with other knobs overwrites this file
+        "settings": OmegaConf.to_container(p),  # the whole protocol; a rerun writes a new file beside this one
         "train_images": len(train_set),
         "test_images": len(test_labels),
         "top1": topk_accuracy(logits, test_labels),
         "top5": topk_accuracy(logits, test_labels, 5),
+        "final_train_loss": final_loss,
+        "diverged": probe_diverged(final_loss, datamodule.num_classes),
     }
     result["json"] = str(write_result(cfg.ckpt_path, f"linear-{p.name}", result))
     return result

@@ -1,0 +1,86 @@
+"""Process-wide setup done when `mcl` is imported (every CLI, test and notebook imports it first).
+
+- OmegaConf resolvers used by conf/:
+  `${mcl.run_dir:TASK,OVERRIDES}`: the run/sweep dir name (conf/hydra/default.yaml);
+  `${mcl.run_name:TASK}`: the W&B run name (conf/logger/wandb.yaml);
+  `${mcl.workers:N}`: N loader workers, at most one per CPU this process may use (conf/eval/).
+- Two Lightning messages that never apply to an mcl run are dropped, each by its exact text:
+  the "💡 Tip" adverts for Lightning's cloud services, and the CSV logger's "Previous log files
+  in this directory will be deleted" (the run dir always holds `.hydra/` and the resolved
+  config; metrics.csv is the only file the CSV logger writes).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+from omegaconf import OmegaConf
+
+SWEEP_SYNTAX = ",()[]*"  # a value with these is a sweep or a list, not one dataset name
+NAME_SKIPS = ("experiment", "sweep", "logger", "paths", "hydra", "callbacks")  # keys the run name leaves out
+MAX_NAME = 128
+
+
+def _key_value(override: str) -> tuple[str, str]:
+    key, _, value = override.partition("=")
+    return key.lstrip("+~"), value
+
+
+def run_dir_name(task_name: str, overrides: list[str] | tuple[str, ...] = ()) -> str:
+    """`task_name`, plus `_<dataset>` when the command line picks a dataset (`dataset=NAME`) that
+    the task name does not already say: `experiment=paper_cifar10 dataset=digits` runs in
+    outputs/paper_cifar10_digits/, never among the CIFAR-10 runs."""
+    for key, value in map(_key_value, overrides):
+        if key == "dataset" and value and not any(c in value for c in SWEEP_SYNTAX) and value not in task_name:
+            return f"{task_name}_{value}"
+    return task_name
+
+
+def task_overrides() -> list[str]:
+    """The command line's overrides of the running Hydra job; [] outside one (compose, scripts)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return [str(o) for o in HydraConfig.get().overrides.task]
+    except ValueError:  # HydraConfig was not set
+        return []
+
+
+def run_name(task_name: str, overrides: list[str] | None = None) -> str:
+    """W&B run name: the run dir name and the overrides that tell runs apart
+    (`paper_cifar10_digits seed=1 mining.negative=all`), at most 128 characters."""
+    overrides = task_overrides() if overrides is None else overrides
+    name = run_dir_name(task_name, overrides)
+    said = {"dataset"} if name != task_name else set()
+    kept = [o.lstrip("+") for o in overrides if _key_value(o)[0].split(".")[0] not in (*NAME_SKIPS, *said)]
+    full = " ".join([name, *kept])
+    return full if len(full) <= MAX_NAME else full[: MAX_NAME - 3] + "..."
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def workers(limit: int | str) -> int:
+    """min(limit, available CPUs): loader worker processes beyond the cores only compete for them."""
+    return max(1, min(int(limit), available_cpus()))
+
+
+class _DropLightningTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+def register() -> None:
+    """Idempotent: the resolvers and the two message filters."""
+    OmegaConf.register_new_resolver("mcl.run_dir", lambda task, overrides=(): run_dir_name(task, list(overrides or [])), replace=True)
+    OmegaConf.register_new_resolver("mcl.run_name", lambda task: run_name(task), replace=True)
+    OmegaConf.register_new_resolver("mcl.workers", workers, replace=True)
+    warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty\. Previous log files")
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropLightningTips) for f in logger.filters):
+            logger.addFilter(_DropLightningTips())
