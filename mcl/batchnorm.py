@@ -3,7 +3,7 @@
 A batch-norm layer normalises each image with statistics of the others in its batch. When a
 query and its positive key are normalised with the statistics of the same images, the encoders
 can match the two through those statistics instead of through the image content (MoCo,
-He et al. 2020, section 3.3). The lab's protocol (METHOD.md) closes that door three ways:
+He et al. 2020, section 3.3). The lab's protocol (docs/method.md) closes that door three ways:
     - the views go through their encoders as separate batches (`encode_views`);
     - every backbone BN normalises groups of batch/`num_splits` images (`SplitBatchNorm`,
       simulating `num_splits` devices on one);

@@ -1,6 +1,6 @@
 """Bad configuration and bad data: one clear error from `build` (or Hydra's composition), before training.
 
-Every case here is a row of the README table "What a bad input gets".
+Every case here is a row of the table "What a bad input gets" in docs/reliability.md.
 """
 
 from __future__ import annotations

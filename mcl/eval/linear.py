@@ -1,6 +1,6 @@
 """`python -m mcl.eval.linear ckpt_path=PATH [protocol=fast]`: linear evaluation of a frozen backbone.
 
-protocol=lab (default, METHOD.md): a linear classifier on the backbone features of augmented
+protocol=lab (default, docs/method.md): a linear classifier on the backbone features of augmented
 training images (random resized crop + flip), SGD lr 30 Nesterov, 100 epochs, lr x0.1 at 60 and
 80. protocol=fast: the same optimiser on features of the un-augmented images, extracted once.
 Top-1/top-5 on the test split are printed and written to `<ckpt stem>.linear-<protocol>.json`
