@@ -35,7 +35,9 @@ class LightlyMoCo(L.LightningModule):
         from lightly.models.utils import deactivate_requires_grad
 
         self.backbone = WidthResNet("resnet18", width, cifar_stem=True)
-        self.projector = mlp(self.backbone.out_dim, proj["proj_hidden"], proj["proj_out"], proj["proj_layers"], bn=proj["proj_bn"])
+        self.projector = mlp(
+            self.backbone.out_dim, proj["proj_hidden"], proj["proj_out"], proj["proj_layers"], proj["proj_last_bn"], proj["proj_bn"]
+        )
         self.key_backbone, self.key_projector = copy.deepcopy(self.backbone), copy.deepcopy(self.projector)
         deactivate_requires_grad(self.key_backbone)
         deactivate_requires_grad(self.key_projector)
@@ -82,7 +84,7 @@ def main() -> None:
                 [f"backbone.width={width}", f"model.queue_size={bank}", f"data.batch_size={args.batch}", "experiment=moco_v2"]
                 + ["model.bn_splits=1", "model.shuffle_bn=false"]
             )
-            proj = {k: cfg.model[k] for k in ("proj_hidden", "proj_out", "proj_layers", "proj_bn")}
+            proj = {k: cfg.model[k] for k in ("proj_hidden", "proj_out", "proj_layers", "proj_last_bn", "proj_bn")}
             theirs = LightlyMoCo(width, bank, cfg.model.temperature, cfg.model.momentum, cfg.optim.lr, proj)
             bench.fill_bank(ours)
             batch = bench.random_views(args.batch, 32, device)

@@ -297,12 +297,12 @@ class MCLModule(L.LightningModule):
             with torch.autocast(x1.device.type, enabled=False):
                 views = ((q1, z1, k2), (q2, z2, k1))
                 views = tuple(tuple(t.float() if t.element_size() < 4 else t for t in v) for v in views)  # bf16/fp16 to float32
-                loss, stats = self.neighbours(views, self.bank, index, labels, self.cfg_model["temperature"])
-            for name, value in stats.items():
-                self.log(f"mining/{name}", value, on_step=True, on_epoch=True, batch_size=x1.shape[0])
+                loss, sums = self.neighbours(views, self.bank, index, labels, self.cfg_model["temperature"])
         else:
-            loss, candidates, mined12, mined21 = self.symmetric_loss(q1, q2, k1, k2, index, labels)
-            self._log_mining(labels, candidates.labels, mined12, mined21)
+            loss, candidates, *directions = self.symmetric_loss(q1, q2, k1, k2, index, labels)
+            with torch.autocast(x1.device.type, enabled=False):
+                sums = [diagnostic_sums(ctx, pos, neg, labels, candidates.labels) for ctx, pos, neg in directions]
+        self._log_mining(sums, x1.shape[0])
         probe_loss = F.cross_entropy(self.linear_probe(features1.detach()), labels, ignore_index=-1)
         if not self.in_batch:
             self._pending = (k2.detach(), index, labels)  # one key an image: view 2's, as the lab enqueues the keys of q1 -> k2
@@ -312,20 +312,19 @@ class MCLModule(L.LightningModule):
         self.log("train/linear_loss", probe_loss, sync_dist=True)
         return loss + probe_loss
 
-    def _log_mining(self, labels: torch.Tensor, candidate_labels: torch.Tensor, *directions: list) -> None:
-        """`mining/*` diagnostics (mcl.mining.diagnostics), averaged over the two directions.
+    def _log_mining(self, sums: list[torch.Tensor], batch_size: int) -> None:
+        """`mining/*` diagnostics (mcl.mining.diagnostics; the two directions' sums), averaged over the directions.
 
         They accumulate on the device (no host read in a step that does not log) and are read at
         Lightning's logging steps (trainer.log_every_n_steps): `mining/<name>_step` is the mean over
         the steps since the last logging step, `mining/<name>_epoch` (on_train_epoch_end) the mean
         over the epoch; a diagnostic undefined in a step (e.g. purity before mining starts) does
-        not count there. Labels are read here only. Each rank logs its own batches, without a collective.
+        not count there. Each rank logs its own batches, without a collective.
         """
-        with torch.autocast(labels.device.type, enabled=False):
-            self.mining_meter.update(*(diagnostic_sums(ctx, pos, neg, labels, candidate_labels) for ctx, pos, neg in directions))
+        self.mining_meter.update(*sums)
         if self._trainer is None or self.trainer._logger_connector.should_update_logs:
             for name, value in self.mining_meter.read("interval").items():
-                self.log(f"mining/{name}_step", value, on_step=True, on_epoch=False, batch_size=labels.shape[0])
+                self.log(f"mining/{name}_step", value, on_step=True, on_epoch=False, batch_size=batch_size)
 
     def on_train_epoch_end(self) -> None:
         for name, value in self.mining_meter.read("epoch").items():

@@ -25,6 +25,7 @@ import torch
 from torch.nn import functional as F
 
 from mcl.bank import MemoryBank
+from mcl.mining.diagnostics import NAMES
 from mcl.mining.positive import bank_neighbours
 
 RULES = ("nnclr", "snclr")
@@ -125,14 +126,16 @@ def snclr_loss(
 
 
 @torch.no_grad()
-def neighbour_diagnostics(weight: torch.Tensor, neighbour_labels: torch.Tensor, query_labels: torch.Tensor) -> dict[str, torch.Tensor]:
-    """pos_kept: neighbours with target weight > 0, per query; pos_purity: share of those with the
-    query's label (unknown labels -1 not counted). weight, neighbour_labels: B x k; query_labels: B."""
+def neighbour_diagnostics(weight: torch.Tensor, neighbour_labels: torch.Tensor, query_labels: torch.Tensor) -> torch.Tensor:
+    """2 x len(NAMES) sums and counts on the device, as `diagnostic_sums` (for `MiningMeter`), without a host read:
+    pos_kept: neighbours with target weight > 0, per query; pos_purity: share of those with the
+    query's label (unknown labels -1 not counted); the negative diagnostics are undefined (count 0).
+    weight, neighbour_labels: B x k; query_labels: B."""
     kept = weight > 0  # B x k
     among = kept & (neighbour_labels >= 0) & (query_labels[:, None] >= 0)
-    out = {"pos_kept": kept.sum(dim=1).float().mean()}
-    if among.any():
-        out["pos_purity"] = ((neighbour_labels == query_labels[:, None]) & among).sum() / among.sum()
+    out = weight.new_zeros(2, len(NAMES))
+    out[:, NAMES.index("pos_kept")] = torch.stack([kept.sum().float(), weight.new_tensor(float(weight.shape[0]))])
+    out[:, NAMES.index("pos_purity")] = torch.stack([((neighbour_labels == query_labels[:, None]) & among).sum(), among.sum()]).float()
     return out
 
 
@@ -170,13 +173,12 @@ class NeighbourContrast:
 
     def __call__(
         self, views: tuple[tuple[torch.Tensor, ...], ...], bank: MemoryBank, index: torch.Tensor, labels: torch.Tensor, tau: float
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """views: ((p1, z1, k2), (p2, z2, k1)), each B x D. Returns the mean loss of both directions and
-        the diagnostics averaged over them (labels B, read for the diagnostics only)."""
+        each direction's `neighbour_diagnostics` (labels B, read for the diagnostics only)."""
         losses, stats = [], []
         for p, z, key in views:
             loss, weight, nn = self.direction(p, z, key, bank, index, tau)
             losses.append(loss)
             stats.append(neighbour_diagnostics(weight.detach(), nn.labels, labels))
-        diagnostics = {name: 0.5 * (stats[0][name] + stats[1][name]) for name in stats[0].keys() & stats[1].keys()}
-        return 0.5 * (losses[0] + losses[1]), diagnostics
+        return 0.5 * (losses[0] + losses[1]), stats

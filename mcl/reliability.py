@@ -438,7 +438,17 @@ RUN_KEYS = (
 )
 """The settings that make a run: a checkpoint resumes only with the same ones (resume_allow_changes=true overrides).
 trainer.*, logging, paths, monitors and the loader's speed knobs may change freely."""
-FREE_KEYS = ("model.compile", "model.channels_last", "dataset.root", "dataset.download", "dataset.source.root", "dataset.source.download")
+FREE_KEYS = (
+    "model.compile",
+    "model.channels_last",
+    "dataset.root",
+    "dataset.path",
+    "dataset.download",
+    "dataset.source.root",
+    "dataset.source.path",
+    "dataset.source.download",
+    "dataset.source.cache_dir",
+)
 """Within RUN_KEYS, what changes speed or where files live, not the training itself."""
 CONFIG_KEY = "mcl_config"  # the checkpoint entry holding the run's resolved config
 

@@ -1,7 +1,7 @@
 """Process-wide setup done when `mcl` is imported (every CLI, test and notebook imports it first).
 
 - OmegaConf resolvers used by conf/:
-  `${mcl.run_dir:TASK,OVERRIDES}`: the run/sweep dir name (conf/hydra/default.yaml);
+  `${mcl.run_dir:TASK,OVERRIDES}`, `${mcl.sweep_dir:TASK,OVERRIDES,STAMP}`: the run and sweep dir names (conf/hydra/default.yaml);
   `${mcl.run_name:TASK}`: the W&B run name (conf/logger/wandb.yaml);
   `${mcl.workers:N}`: N loader workers, at most one per CPU this process may use (conf/eval/).
 - Two Lightning messages that never apply to an mcl run are dropped, each by its exact text:
@@ -36,6 +36,15 @@ def run_dir_name(task_name: str, overrides: list[str] | tuple[str, ...] = ()) ->
         if key == "dataset" and value and not any(c in value for c in SWEEP_SYNTAX) and value not in task_name:
             return f"{task_name}_{value}"
     return task_name
+
+
+def sweep_dir_name(task_name: str, overrides: list[str], stamp: str) -> str:
+    """`<run_dir_name>/<stamp>` of a sweep, as its launcher resolved it first (from the sweep's own
+    overrides: values swept over, like `dataset=a,b`, are not named). Its jobs, which resolve the dir
+    again with their own task name and overrides, get the launcher's value back from the environment
+    (inherited by the launchers' worker processes), so all the jobs of a sweep share one dir."""
+    key = "MCL_SWEEP_DIR_" + "".join(c if c.isalnum() else "_" for c in stamp)
+    return os.environ.setdefault(key, f"{run_dir_name(task_name, overrides)}/{stamp}")
 
 
 def task_overrides() -> list[str]:
@@ -77,6 +86,9 @@ class _DropLightningTips(logging.Filter):
 def register() -> None:
     """Idempotent: the resolvers and the two message filters."""
     OmegaConf.register_new_resolver("mcl.run_dir", lambda task, overrides=(): run_dir_name(task, list(overrides or [])), replace=True)
+    OmegaConf.register_new_resolver(
+        "mcl.sweep_dir", lambda task, overrides, stamp: sweep_dir_name(task, list(overrides or []), stamp), replace=True
+    )
     OmegaConf.register_new_resolver("mcl.run_name", lambda task: run_name(task), replace=True)
     OmegaConf.register_new_resolver("mcl.workers", workers, replace=True)
     warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty\. Previous log files")

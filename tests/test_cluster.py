@@ -103,7 +103,7 @@ def test_two_nodes_share_one_bank_and_finish(launcher, tmp_path):
     assert not seen[0] & seen[1]
     final = set(r0["final_bank"]["indices"].tolist())
     assert final & seen[0] and final & seen[1]
-    assert int(r0["final_bank"]["num_written"]) == 3 * 2 * 16 * 2
+    assert int(r0["final_bank"]["num_written"]) == 3 * 2 * 16  # 3 steps x 2 nodes x 16 images, one key an image
     assert r0["metrics"]["train/loss"] == r1["metrics"]["train/loss"]  # reduced over the nodes
 
 

@@ -239,13 +239,14 @@ class FullBankSteps(L.Callback):
 
 @pytest.mark.slow
 def test_every_pair_of_strategies_trains_past_a_full_bank_with_finite_gradients(tmp_path):
-    """5 x 6 pairs, 4 steps each on 16 images (one step an epoch, a bank of 32 = one step): from step 2 on
-    the mining warm-up is over and every query has two older keys of its own image in the bank."""
+    """5 x 6 pairs, 4 steps each on 16 images (one step an epoch, a bank of 16 = one step's keys, one an
+    image): from step 2 on the mining warm-up is over and every query has an older key of its own image
+    in the bank."""
     x, y = learnable_images(24, size=16)
     np.savez(tmp_path / "tiny.npz", x_train=x[:16], y_train=y[:16], x_test=x[16:], y_test=y[16:])
     small = [o for o in MICRO if not o.startswith("dataset=")] + ["dataset=npz", f"dataset.path={tmp_path / 'tiny.npz'}"]
     small += ["logger=none", "callbacks=none", "+callbacks.guard._target_=mcl.reliability.NonFiniteGuard", "seed=0"]
-    small += ["model.queue_size=32", "trainer.max_epochs=4", "trainer.limit_val_batches=0", "+trainer.enable_progress_bar=false"]
+    small += ["model.queue_size=16", "trainer.max_epochs=4", "trainer.limit_val_batches=0", "+trainer.enable_progress_bar=false"]
     small += ["+trainer.enable_model_summary=false"]
     for positive in POSITIVES:
         for negative in NEGATIVES:

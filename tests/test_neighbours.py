@@ -26,6 +26,7 @@ from conftest import MICRO, TINY, make_cfg, run_cli
 from torch.nn import functional as F
 
 from mcl.bank import MemoryBank
+from mcl.mining.diagnostics import NAMES, MiningMeter
 from mcl.neighbours import NeighbourContrast, neighbour_diagnostics
 from mcl.train import ConfigError, build, build_module, check_config
 
@@ -165,7 +166,8 @@ def test_one_step_loss_and_gradients_equal_the_labs_formula(rule, topk, threshol
     if topk == 5:
         assert sorted(slot[3].tolist()) == [2, 3, 4, 5, 6]  # five tied neighbours
     if rule == "snclr" and threshold:
-        assert stats["pos_kept"] < topk  # tied weights of exactly 1/k, and others, were zeroed
+        kept = sum(direction[0, NAMES.index("pos_kept")] for direction in stats) / (2 * len(INDEX))
+        assert kept < topk  # tied weights of exactly 1/k, and others, were zeroed
 
 
 # --- through the module ------------------------------------------------------------------------
@@ -188,7 +190,11 @@ def test_module_step_equals_the_labs_formula_on_a_tiny_network(tmp_path, preset)
     x1, x2 = (torch.randn(8, 3, 16, 16, generator=gen(s), dtype=torch.float64) for s in (1, 2))
     index, labels = torch.arange(8), torch.arange(8) % 3
     module._trainer = SimpleNamespace(  # what training_step reads from its trainer
-        optimizers=[SimpleNamespace(param_groups=[{"lr": 0.1}])], estimated_stepping_batches=10, global_step=0, world_size=1
+        optimizers=[SimpleNamespace(param_groups=[{"lr": 0.1}])],
+        estimated_stepping_batches=10,
+        global_step=0,
+        world_size=1,
+        _logger_connector=SimpleNamespace(should_update_logs=True),
     )
     module.log = lambda *args, **kwargs: None
     encoder = [p for n, p in module.named_parameters() if p.requires_grad and not n.startswith("linear_probe")]
@@ -258,9 +264,10 @@ def test_bad_neighbour_knobs_are_one_clear_error(tmp_path, overrides, message):
 def test_diagnostics_count_kept_neighbours_and_their_purity():
     weight = torch.tensor([[0.6, 0.4, 0.0], [1.0, 0.0, 0.0]])
     neighbour_labels = torch.tensor([[1, 2, 1], [-1, 3, 3]])
-    stats = neighbour_diagnostics(weight, neighbour_labels, torch.tensor([1, 3]))
-    assert stats["pos_kept"].item() == 1.5  # (2 + 1) / 2
-    assert stats["pos_purity"].item() == 0.5  # of the labelled kept ones (1, 2): one matches
+    meter = MiningMeter()
+    sums = neighbour_diagnostics(weight, neighbour_labels, torch.tensor([1, 3]))
+    meter.update(sums, sums)
+    assert meter.read("interval") == {"pos_kept": 1.5, "pos_purity": 0.5}  # (2 + 1) / 2; of the labelled kept (1, 2) one matches
 
 
 # --- training ----------------------------------------------------------------------------------
@@ -276,7 +283,7 @@ def test_training_past_a_full_bank_stays_finite(tmp_path, overrides):
     trainer.fit(module, datamodule)
     assert trainer.global_step == 10 and module.bank.is_full
     assert math.isfinite(trainer.callback_metrics["train/loss"].item())
-    assert 0.0 <= trainer.callback_metrics["mining/pos_purity"].item() <= 1.0
+    assert 0.0 <= trainer.callback_metrics["mining/pos_purity_epoch"].item() <= 1.0
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ from lightning.fabric.loggers import CSVLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from mcl.eval.linear import CONF_DIR as EVAL_CONF_DIR
-from mcl.runtime import available_cpus, register, run_dir_name, run_name
+from mcl.runtime import available_cpus, register, run_dir_name, run_name, sweep_dir_name
 from mcl.train import CONF_DIR
 
 
@@ -28,6 +28,16 @@ def test_hydra_run_and_sweep_dirs_use_that_name(tmp_path):
     assert cfg.hydra.run.dir.startswith("outputs/paper_cifar10_digits/")
     assert cfg.hydra.sweep.dir.startswith("multirun/paper_cifar10_digits/")
     assert "file" not in cfg.hydra.job_logging.handlers  # no train.log: the run's messages go to the console
+
+
+def test_the_jobs_of_a_sweep_share_the_dir_their_launcher_named(monkeypatch):
+    """The launcher resolves the sweep dir first, from the sweep's overrides; each job resolves it again with
+    its own task name and overrides (experiment=moco_v2,paper_cifar10 -> two task names) and gets the same."""
+    monkeypatch.delenv("MCL_SWEEP_DIR_2026_01_02_03_04_05", raising=False)
+    stamp = "2026-01-02_03-04-05"
+    assert sweep_dir_name("train", ["experiment=moco_v2,paper_cifar10", "dataset=digits"], stamp) == f"train_digits/{stamp}"
+    assert sweep_dir_name("paper_cifar10", ["experiment=paper_cifar10", "dataset=digits"], stamp) == f"train_digits/{stamp}"
+    assert sweep_dir_name("ablation", ["dataset=digits"], "2026-01-02_03-04-06") == "ablation_digits/2026-01-02_03-04-06"  # another sweep
 
 
 def test_wandb_run_name_holds_the_task_and_the_overrides(tmp_path):
