@@ -265,7 +265,13 @@ def quality(args, rates: dict[str, float]) -> str:
             overrides += [f"backbone.width={args.width}", f"data.batch_size={args.batch}", f"model.queue_size={args.bank}"]
             overrides += ["data.batched_augment=true", f"data.images_on_device={gpu}", "data.num_workers=0", "model.channels_last=true"]
             overrides += [f"trainer.max_epochs={epochs}", f"trainer.check_val_every_n_epoch={args.val_every}", f"seed={seed}"]
-            overrides += ["logger=csv", "callbacks=none", "+trainer.enable_progress_bar=false", f"paths.output_dir={out}"]
+            overrides += [
+                "logger=csv",
+                "callbacks=none",
+                "+trainer.enable_progress_bar=false",
+                f"paths.output_dir={out}",
+                f"hydra.run.dir={out}",
+            ]
             stop = int(60 * args.quality_minutes + 30)  # seconds: a job stops itself there, then runs its monitors
             overrides += [f"+trainer.max_time=00:00:{stop // 60:02d}:{stop % 60:02d}", *args.quality_extra]
             log = (args.out / "quality" / f"{name}_{seed}.log").open("w")
