@@ -293,11 +293,8 @@ class MCLModule(L.LightningModule):
         x1, x2, index, labels = batch
         self._update_key_encoder()
         features1, (z1, z2), (q1, q2), (k1, k2) = self.encode(x1, x2)  # B x out_dim; B x D each
-        if self.neighbours is not None:  # NNCLR / SNCLR: in-batch keys and their bank neighbours, in float32
-            with torch.autocast(x1.device.type, enabled=False):
-                views = ((q1, z1, k2), (q2, z2, k1))
-                views = tuple(tuple(t.float() if t.element_size() < 4 else t for t in v) for v in views)  # bf16/fp16 to float32
-                loss, sums = self.neighbours(views, self.bank, index, labels, self.cfg_model["temperature"])
+        if self.neighbours is not None:  # NNCLR / SNCLR: in-batch keys and their bank neighbours
+            loss, sums = self.neighbours(((q1, z1, k2), (q2, z2, k1)), self.bank, index, labels, self.cfg_model["temperature"])
         else:
             loss, candidates, *directions = self.symmetric_loss(q1, q2, k1, k2, index, labels)
             with torch.autocast(x1.device.type, enabled=False):

@@ -175,10 +175,15 @@ class NeighbourContrast:
         self, views: tuple[tuple[torch.Tensor, ...], ...], bank: MemoryBank, index: torch.Tensor, labels: torch.Tensor, tau: float
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """views: ((p1, z1, k2), (p2, z2, k1)), each B x D. Returns the mean loss of both directions and
-        each direction's `neighbour_diagnostics` (labels B, read for the diagnostics only)."""
+        each direction's `neighbour_diagnostics` (labels B, read for the diagnostics only).
+
+        Runs in float32 under mixed precision (bf16/fp16 inputs are cast up), as `MCLModule.contrast`.
+        """
         losses, stats = [], []
-        for p, z, key in views:
-            loss, weight, nn = self.direction(p, z, key, bank, index, tau)
+        for view in views:
+            with torch.autocast(index.device.type, enabled=False):
+                p, z, key = (t.float() if t.element_size() < 4 else t for t in view)
+                loss, weight, nn = self.direction(p, z, key, bank, index, tau)
             losses.append(loss)
             stats.append(neighbour_diagnostics(weight.detach(), nn.labels, labels))
         return 0.5 * (losses[0] + losses[1]), stats
