@@ -336,7 +336,7 @@ def main() -> None:
     args.extra, args.quality_extra = [], []
     if args.tiny:  # a width-8 network, a few hundred images, one-minute budgets
         args.width, args.batch, args.bank, args.epochs, args.steps = 8, 32, 128, 2, 2  # the bank: 4 steps of 32 keys
-        args.speed_images, args.quality_minutes, args.quality_epochs = 512, 2.0, 1
+        args.speed_images, args.quality_minutes, args.quality_epochs = 256, 2.0, 1
         args.part_limit = max(args.part_limit, 300)
         args.extra = ["data.eval_batch_size=256", "optim.warmup_epochs=0", "trainer.limit_val_batches=2"]
         args.quality_extra = [*args.extra, "trainer.limit_train_batches=6", "trainer.log_every_n_steps=2"]  # mining from step 5
