@@ -395,6 +395,7 @@ class MCLModule(L.LightningModule):
             ],
             lr=lr,
             momentum=o["momentum"],
+            fused=True,  # the whole update in one kernel (the same values as the for-each update)
         )
         total = int(self.trainer.estimated_stepping_batches)
         warmup = int(total * o["warmup_epochs"] / max(1, self.trainer.max_epochs)) if self.trainer.max_epochs > 0 else 0

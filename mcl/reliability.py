@@ -456,7 +456,7 @@ CONFIG_KEY = "mcl_config"  # the checkpoint entry holding the run's resolved con
 class RunConfig(L.Callback):
     """Stores the run's resolved config (plain containers: loadable with weights_only) in every checkpoint."""
 
-    def __init__(self, config: dict[str, Any]):
+    def __init__(self, config: dict[str, Any] | None = None):
         self.config = config
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:

@@ -15,6 +15,7 @@ import hydra
 import lightning as L
 from hydra.errors import InstantiationException
 from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator
+from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from mcl.data.datamodule import ContrastiveDataModule
@@ -246,9 +247,19 @@ def own_errors():
         raise
 
 
+def trains_on_cuda(trainer: DictConfig) -> bool:
+    """Whether Lightning puts this trainer config on CUDA GPUs (its accelerator=auto does when torch finds one)."""
+    return str(trainer.get("accelerator", "auto")) in ("auto", "gpu", "cuda") and CUDAAccelerator.is_available()
+
+
 def build_module(cfg: DictConfig, num_classes: int) -> MCLModule:
-    """The LightningModule of a composed config (benchmarks build it without data)."""
+    """The LightningModule of a composed config (benchmarks build it without data); model.channels_last=auto: on CUDA."""
     parts = {k: plain(cfg[k]) for k in ("backbone", "model", "mining", "optim", "monitor")}
+    channels_last = parts["model"]["channels_last"]
+    if channels_last not in (True, False, "auto"):
+        raise ConfigError(f"model.channels_last must be true, false or auto, got {channels_last!r}")
+    if channels_last == "auto":
+        parts["model"]["channels_last"] = trains_on_cuda(cfg.trainer)
     return MCLModule(**parts, num_classes=num_classes)
 
 
@@ -259,13 +270,19 @@ def build(cfg: DictConfig) -> tuple[ContrastiveDataModule, MCLModule, L.Trainer]
         L.seed_everything(cfg.seed, workers=True)
     wandb_offline_unless_logged_in(cfg)
     check_accelerator(cfg.trainer)
-    callbacks = [*instantiate_dict(cfg.get("callbacks")), RunConfig(plain(cfg))]  # the resolved config rides in every checkpoint
+    run_config = RunConfig()  # the resolved config rides in every checkpoint
+    bar = cfg.trainer.get("enable_progress_bar", True)  # false: no bar, callbacks.progress_bar included
+    callbacks = [c for c in instantiate_dict(cfg.get("callbacks")) if bar or not isinstance(c, ProgressBar)] + [run_config]
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=instantiate_dict(cfg.get("logger")) or False, callbacks=callbacks)
     check_config(cfg, trainer.world_size)
     datamodule = ContrastiveDataModule(dataset=plain(cfg.dataset), **plain(cfg.data))
     datamodule.trainer = trainer
     datamodule.setup("fit")
     model = build_module(cfg, datamodule.num_classes)
+    # the "auto" speed settings as resolved for this machine: what config_resolved.yaml, loggers and checkpoints record
+    cfg.data.batched_augment, cfg.data.images_on_device = datamodule.batched_augment, datamodule.images_on_device
+    cfg.model.channels_last = model.cfg_model["channels_last"]
+    run_config.config = plain(cfg)
     if cfg.auto_resume:  # resolved once here (every DDP process finds the same file); recorded in config_resolved.yaml
         cfg.ckpt_path, cfg.auto_resume = resume_checkpoint(cfg, model, trainer), False
     elif cfg.ckpt_path is not None:

@@ -6,15 +6,22 @@ from __future__ import annotations
 import colorsys
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.accelerators import CUDAAccelerator
+from omegaconf import OmegaConf
 from PIL import Image
+from torch.nn import functional as F
+from torchvision.transforms.v2 import functional as TF
 
 from mcl.data import batched, transforms
+from mcl.data import datamodule as datamodule_module
+from mcl.data.datamodule import ContrastiveDataModule
 from mcl.data.sources import DatasetError
-from mcl.train import build, train
+from mcl.train import ConfigError, build, build_module, train
 from tests.conftest import make_cfg
 
 N = 1000  # views per path and op; the KS test's 0.1% critical distance is then about 0.09
@@ -167,6 +174,37 @@ def test_whole_recipe_view_statistics_match_torchvision():
         same_distribution(stat(fast), stat(slow))
 
 
+def torchvision_with(params: dict[str, torch.Tensor], images: torch.Tensor, size: int, kernel: int) -> torch.Tensor:
+    """torchvision's functional ops image by image, uint8 between ops, with the batched view's drawn parameters."""
+    jitter = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    views = []
+    for i, image in enumerate(images):
+        x1, y1, x2, y2 = (int(v) for v in params["box"][i])
+        view = TF.resized_crop(image, y1, x1, y2 - y1, x2 - x1, [size, size], antialias=True)
+        for op in params["jitter_order"][i].tolist() if params["jitter"][i] else []:
+            strength = float(params["jitter_factor"][i, op])
+            view = view if math.isnan(strength) else jitter[op](view, strength)
+        view = TF.rgb_to_grayscale(view, num_output_channels=3) if params["gray"][i] else view
+        sigma = float(params["blur_sigma"][i])
+        view = TF.gaussian_blur(view, [kernel, kernel], [sigma, sigma]) if params["blur"][i] else view
+        views.append(TF.horizontal_flip(view) if params["flip"][i] else view)
+    return torch.stack(views).float() / 255
+
+
+def test_the_drawn_parameters_give_torchvisions_pixels():
+    """Image by image, the batched view equals torchvision's own ops run with the same crop box, flip, jitter
+    strengths and order, grayscale and blur sigma, up to uint8 rounding (the per-op tests check the draws)."""
+    g = torch.Generator().manual_seed(0)
+    coarse = torch.randint(0, 256, (200, 3, 5, 5), generator=g).float()  # smooth colour images, 40 x 40
+    images = F.interpolate(coarse, size=40, mode="bilinear", align_corners=False).round().clamp(0, 255).to(torch.uint8)
+    view = batched.BatchedView(SIZE, [0.0] * 3, [1.0] * 3, blur_prob=0.5)
+    params = view.sample(len(images), 40, 40, torch.Generator().manual_seed(1))
+    assert params["jitter"].any() and params["gray"].any() and params["blur"].any() and params["flip"].any()
+    difference = (view(images, torch.Generator().manual_seed(1)) - torchvision_with(params, images, SIZE, view.blur_kernel)).abs()
+    assert difference.mean() < 2.5 / 255 and difference.flatten().quantile(0.99) < 6 / 255
+    assert difference.flatten(1).mean(1).max() < 4 / 255  # every image, not only on average
+
+
 def test_views_are_seeded_normalised_and_device_independent_of_the_global_rng():
     images = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (8, 3, 24, 24), dtype=np.uint8))
     view = batched.strong_view(SIZE, [0.5, 0.4, 0.3], [0.2, 0.2, 0.2], blur_prob=0.5)
@@ -213,17 +251,76 @@ def test_batched_batches_reach_the_module_as_views(cfg_factory, npz_file):
         assert torch.isfinite(torch.tensor(float(trainer.callback_metrics["train/loss"])))
 
 
-def test_batched_path_refuses_file_datasets_and_misplaced_options(cfg_factory, tmp_path: Path):
+def image_folder(root: Path) -> list[str]:
+    """Overrides for a 2-class, 2-images-a-split ImageFolder dataset (read from files) at root."""
     for split in ("train", "val"):
         for c in ("a", "b"):
             for i in range(2):
-                (tmp_path / "imgs" / split / c).mkdir(parents=True, exist_ok=True)
-                Image.fromarray(np.full((8, 8, 3), 40 * i, dtype=np.uint8)).save(tmp_path / "imgs" / split / c / f"{i}.png")
-    folder = ["dataset=imagefolder", f"dataset.root={tmp_path / 'imgs'}", "data.batch_size=2", "model.queue_size=8", "model.bn_splits=2"]
+                (root / split / c).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(np.full((8, 8, 3), 40 * i, dtype=np.uint8)).save(root / split / c / f"{i}.png")
+    return ["dataset=imagefolder", f"dataset.root={root}", "data.batch_size=2", "model.queue_size=8", "model.bn_splits=2"]
+
+
+def test_batched_path_refuses_file_datasets_and_misplaced_options(cfg_factory, tmp_path: Path):
+    folder = image_folder(tmp_path / "imgs")
     with pytest.raises(DatasetError, match="batched_augment=true needs an in-memory dataset"):
         build(cfg_factory([*SMALL, *folder, "data.batched_augment=true"]))
     with pytest.raises(ValueError, match="images_on_device=true only applies to the batched path"):
+        build(cfg_factory([*SMALL, "dataset=digits", "data.batched_augment=false", "data.images_on_device=true"]))
+    with pytest.raises(ValueError, match="batched_augment=auto chose the per-image path \\(not training on a CUDA GPU\\)"):
         build(cfg_factory([*SMALL, "dataset=digits", "data.images_on_device=true"]))
+    with pytest.raises(ValueError, match="data.batched_augment must be true, false or auto, got 'yes'"):
+        build(cfg_factory([*SMALL, "dataset=digits", "data.batched_augment=yes"]))
+    with pytest.raises(ConfigError, match="model.channels_last must be true, false or auto, got 'fast'"):
+        build(cfg_factory([*SMALL, "dataset=digits", "model.channels_last=fast"]))
+
+
+def test_monitor_loaders_make_whole_batches_with_the_per_image_values(cfg_factory, tmp_path):
+    """The kNN/linear monitors' loaders view a whole uint8 batch at once (in-memory datasets; files: image by
+    image, stacked): the same tensors as the view of each image, for a resized and a native-size dataset."""
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (48, 40, 40, 3), dtype=np.uint8), rng.integers(0, 4, 48)
+    np.savez(tmp_path / "big.npz", x_train=x[:32], y_train=y[:32], x_test=x[32:], y_test=y[32:])
+    data = {
+        "resized": ["dataset=npz", f"dataset.path={tmp_path / 'big.npz'}", "dataset.image_size=32"],
+        "native": ["dataset=digits"],
+        "files": image_folder(tmp_path / "imgs"),
+    }
+    for name, overrides in data.items():
+        datamodule, _, _ = build(cfg_factory([*SMALL, *overrides, "data.eval_batch_size=16"]))
+        for loader in datamodule.val_dataloader():
+            images, labels = next(iter(loader))
+            one_by_one = [loader.dataset[i] for i in range(len(labels))]
+            assert torch.equal(images, torch.stack([view for view, _ in one_by_one])), name
+            assert labels.tolist() == [label for _, label in one_by_one] and labels.dtype == torch.int64, name
+
+
+def test_auto_speed_settings_follow_the_training_device(cfg_factory, tmp_path, monkeypatch):
+    """The defaults (auto) are the fast path on CUDA GPUs: the batched views for in-memory datasets, the
+    training set on the GPU up to 4 GiB, channels_last; on a CPU, or for files, the per-image path. The
+    run records what auto chose (config_resolved.yaml and checkpoints compare those values on resume)."""
+    cfg = cfg_factory([*SMALL, "dataset=digits"])
+    datamodule, model, _ = build(cfg)
+    assert (cfg.data.batched_augment, cfg.data.images_on_device, cfg.model.channels_last) == (False, False, False)
+    assert (datamodule.batched_augment, datamodule.images_on_device, model.cfg_model["channels_last"]) == (False, False, False)
+
+    def chosen(overrides: list[str], device: str) -> tuple[bool, bool]:
+        c = cfg_factory([*SMALL, *overrides])
+        dm = ContrastiveDataModule(dataset=OmegaConf.to_container(c.dataset, resolve=True), batch_size=2, num_workers=0)
+        dm.trainer = SimpleNamespace(world_size=1, strategy=SimpleNamespace(root_device=torch.device(device)))
+        dm.setup("fit")
+        return dm.batched_augment, dm.images_on_device
+
+    assert chosen(["dataset=digits"], "cuda:0") == (True, True)
+    assert chosen(["dataset=digits"], "cpu") == (False, False)
+    assert chosen(image_folder(tmp_path / "imgs"), "cuda:0") == (False, False)
+    monkeypatch.setattr(datamodule_module, "AUTO_ON_DEVICE_BYTES", 1000)  # digits: 1348 x 32 x 32 x 3 bytes
+    assert chosen(["dataset=digits"], "cuda:0") == (True, False)
+    monkeypatch.setattr(CUDAAccelerator, "is_available", staticmethod(lambda: True))
+    for accelerator, channels_last in (("auto", True), ("gpu", True), ("cpu", False)):
+        module = build_module(cfg_factory([*SMALL, "dataset=digits", f"trainer.accelerator={accelerator}"]), num_classes=10)
+        assert module.cfg_model["channels_last"] is channels_last
+        assert module.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last) is channels_last
 
 
 def coloured_stripes(path: Path, n: int = 320, num_classes: int = 4) -> Path:

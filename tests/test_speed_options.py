@@ -162,15 +162,15 @@ class StepCensus(L.Callback):
 
 @pytest.mark.parametrize("experiment", ["moco_v2", "paper_cifar10"])
 def test_a_training_step_reads_the_device_only_when_it_logs(cfg_factory, experiment):
-    """A real fit (callbacks=none, a progress bar refreshed every log_every_n_steps; the non-finite guard is
-    a callback with its own read, counted apart): no host read
+    """A real fit (the default progress bar, refreshed every log_every_n_steps, and no other callback; the
+    non-finite guard is a callback with its own read, counted apart): no host read
     in a step that does not log, also while the bank fills and the mining warm-up ends (bank of 32 =
     two steps of 16 keys); the logging steps read the diagnostics. Their logged means are those of
     the steps: the epoch mean equals the mean of the two interval means (two steps each)."""
     overrides = [*SMALL, f"experiment={experiment}", "model.queue_size=32", "trainer.limit_train_batches=4", "trainer.log_every_n_steps=2"]
-    cfg = cfg_factory([*overrides, "logger=csv"])
-    # the progress bar reads train/loss from the device at each refresh: refreshed at logging steps only
-    cfg.callbacks = {"progress_bar": {"_target_": "lightning.pytorch.callbacks.TQDMProgressBar", "refresh_rate": 2}}
+    cfg = cfg_factory([*overrides, "logger=csv", "callbacks=default"])
+    # the shipped progress bar (it reads train/loss from the device at each refresh: at the logging steps)
+    cfg.callbacks = {"progress_bar": cfg.callbacks.progress_bar}
     datamodule, model, trainer = build(cfg)
     census = StepCensus()
     trainer.callbacks.append(census)

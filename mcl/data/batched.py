@@ -214,5 +214,5 @@ class ImageBatches(Dataset):
 
 
 def whole_batch(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    """collate_fn for ImageBatches: `__getitems__` already built the batch."""
+    """collate_fn for ImageBatches and the monitors' OneView: `__getitems__` already built the batch."""
     return batch

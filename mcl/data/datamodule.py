@@ -14,6 +14,8 @@ from mcl.data import batched, transforms
 from mcl.data.sources import DatasetError, Images
 from mcl.reliability import DataOrder, SeededItems, per_rank
 
+AUTO_ON_DEVICE_BYTES = 4 * 2**30  # data.images_on_device=auto keeps training sets up to 4 GiB on the GPU (STL-10's 2.9 GB)
+
 
 class TwoViews(Dataset):
     """Item i -> (query view, key view, i, label). Labels never reach the training loss."""
@@ -30,16 +32,30 @@ class TwoViews(Dataset):
 
 
 class OneView(Dataset):
-    """Item i -> (un-augmented image, label), for the kNN and linear monitors."""
+    """Item i -> (un-augmented image, label), for the kNN and linear monitors.
 
-    def __init__(self, images: Images, view):
-        self.images, self.view = images, view
+    whole_batches (for a deterministic view only: a random one would draw once for the batch): a
+    loader with collate_fn=batched.whole_batch takes whole batches (`__getitems__`); from an
+    in-memory dataset the view runs once on the uint8 batch (torchvision's ops on B x 3 x H x W,
+    the same values as image by image), not once per image in Python.
+    """
+
+    def __init__(self, images: Images, view, whole_batches: bool = False):
+        self.images, self.view, self.whole_batches = images, view, whole_batches
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, i: int):
         return self.view(self.images.image(i)), int(self.images.labels[i])
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor] | list[tuple[torch.Tensor, int]]:
+        if not self.whole_batches:
+            return [self[i] for i in indices]  # items, for the loader's collate_fn
+        labels = torch.from_numpy(self.images.labels[indices])
+        if self.images.array is None:
+            return torch.stack([self.view(self.images.image(i)) for i in indices]), labels
+        return self.view(torch.from_numpy(self.images.array[indices]).permute(0, 3, 1, 2)), labels
 
 
 class ContrastiveDataModule(L.LightningDataModule):
@@ -49,6 +65,8 @@ class ContrastiveDataModule(L.LightningDataModule):
     batched_augment: in-memory datasets only; the loader yields uint8 batches and
     `on_after_batch_transfer` makes both views on the training device (mcl.data.batched).
     images_on_device: with batched_augment, keep the whole uint8 training set on that device.
+    Both may be "auto": `setup` decides (`resolve_speed`): on when training on CUDA GPUs and the
+    dataset is in memory, images_on_device when the set also takes at most AUTO_ON_DEVICE_BYTES.
     Validation yields two loaders: the un-augmented train split (kNN memory) and the test split.
     seed: the training order and augmentations are a function of it and the epoch (None: drawn
     once, then checkpointed); `state_dict` holds it and the position, for exact mid-epoch resume.
@@ -63,8 +81,8 @@ class ContrastiveDataModule(L.LightningDataModule):
         key_view: str = "strong",
         augment: dict[str, Any] | None = None,
         pin_memory: bool = True,
-        batched_augment: bool = False,
-        images_on_device: bool = False,
+        batched_augment: bool | str = "auto",
+        images_on_device: bool | str = "auto",
         seed: int | None = None,
     ):
         super().__init__()
@@ -72,7 +90,10 @@ class ContrastiveDataModule(L.LightningDataModule):
             raise ValueError(f"data.key_view must be 'strong' or 'weak', got {key_view!r}")
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be a positive integer, got {batch_size}")
-        if images_on_device and not batched_augment:
+        for name, value in (("batched_augment", batched_augment), ("images_on_device", images_on_device)):
+            if value not in (True, False, "auto"):
+                raise ValueError(f"data.{name} must be true, false or auto, got {value!r}")
+        if images_on_device is True and batched_augment is False:
             raise ValueError("data.images_on_device=true only applies to the batched path: also set data.batched_augment=true")
         self.batched_augment, self.images_on_device = batched_augment, images_on_device
         self.device_images: torch.Tensor | None = None  # N x H x W x 3 uint8 on the training device
@@ -100,10 +121,26 @@ class ContrastiveDataModule(L.LightningDataModule):
                 f"data.batch_size={self.batch_size} x {world} device(s) is larger than the "
                 f"{len(self.train_images)} training images of dataset {self.dataset_cfg['name']}"
             )
-        if self.batched_augment and self.train_images.array is None:
+        if self.batched_augment is True and self.train_images.array is None:
             raise DatasetError(
                 f"data.batched_augment=true needs an in-memory dataset (one uint8 array); dataset "
-                f"{self.dataset_cfg['name']} reads its images from files one by one: set data.batched_augment=false"
+                f"{self.dataset_cfg['name']} reads its images from files one by one: set data.batched_augment=false (or auto)"
+            )
+        self.resolve_speed()
+
+    def resolve_speed(self) -> None:
+        """data.batched_augment / images_on_device "auto" -> true or false for this trainer and dataset."""
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        on_cuda, array = device.type == "cuda", self.train_images.array
+        if self.batched_augment == "auto":
+            self.batched_augment = on_cuda and array is not None
+        if self.images_on_device == "auto":
+            self.images_on_device = self.batched_augment and on_cuda and array.nbytes <= AUTO_ON_DEVICE_BYTES
+        if self.images_on_device and not self.batched_augment:
+            raise ValueError(
+                "data.images_on_device=true only applies to the batched path, and data.batched_augment=auto chose the "
+                f"per-image path ({'the dataset is read from files' if on_cuda else 'not training on a CUDA GPU'}): "
+                "set data.batched_augment=true, or data.images_on_device=auto"
             )
 
     def _views(self, recipes=transforms):
@@ -125,7 +162,8 @@ class ContrastiveDataModule(L.LightningDataModule):
         old = state_dict.get("generator")  # checkpoints that kept rank 0's stream only
         self._generator_states = state_dict.get("generators", None if old is None else [old])
 
-    def _loader(self, dataset: Dataset, batch_size: int, train: bool, collate_fn=None) -> DataLoader:
+    def _loader(self, dataset: Dataset, batch_size: int, train: bool, collate_fn=None, workers: int | None = None) -> DataLoader:
+        workers = self.num_workers if workers is None else workers
         sampler = self.order.sampler(dataset, batch_size, self.trainer, with_seeds=not self.batched_augment) if train else None
         return DataLoader(
             dataset,
@@ -133,9 +171,9 @@ class ContrastiveDataModule(L.LightningDataModule):
             sampler=sampler,  # training: a resumable order fixed by (seed, epoch), one shard per rank
             generator=torch.Generator().manual_seed(self.order.seed) if train else None,  # leaves the global random state alone
             drop_last=train,  # the bank takes a fixed number of keys per step
-            num_workers=self.num_workers,
+            num_workers=workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
+            persistent_workers=workers > 0,
             collate_fn=collate_fn,
         )
 
@@ -146,7 +184,8 @@ class ContrastiveDataModule(L.LightningDataModule):
         self.batched_query, self.batched_key, _ = self._views(batched)
         images = None if self.images_on_device else torch.from_numpy(self.train_images.array)
         dataset = batched.ImageBatches(images, torch.from_numpy(self.train_images.labels))
-        loader = self._loader(dataset, self.batch_size, train=True, collate_fn=batched.whole_batch)  # fixes order.seed
+        # fixes order.seed; images on the device: the loader yields indices only, in this process (no worker round trip)
+        loader = self._loader(dataset, self.batch_size, train=True, collate_fn=batched.whole_batch, workers=0 if images is None else None)
         rank = self.trainer.global_rank if self.trainer is not None else 0
         self.generator = torch.Generator().manual_seed(self.order.seed + rank)  # the views follow data.seed, one stream per rank
         states, self._generator_states = self._generator_states, None
@@ -171,4 +210,6 @@ class ContrastiveDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> list[DataLoader]:
         plain = self._views()[2]
-        return [self._loader(OneView(s, plain), self.eval_batch_size, train=False) for s in (self.train_images, self.test_images)]
+        splits = (self.train_images, self.test_images)
+        views = [OneView(s, plain, whole_batches=True) for s in splits]
+        return [self._loader(v, self.eval_batch_size, train=False, collate_fn=batched.whole_batch) for v in views]
