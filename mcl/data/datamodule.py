@@ -146,9 +146,11 @@ class ContrastiveDataModule(L.LightningDataModule):
     def _views(self, recipes=transforms):
         """(query view, key view, monitors' view); recipes: mcl.data.transforms or mcl.data.batched."""
         size, mean, std = self.dataset_cfg["image_size"], self.dataset_cfg["mean"], self.dataset_cfg["std"]
-        aug = {"blur_prob": self.dataset_cfg.get("blur_prob", 0.0), **self.augment}
+        blur = {k: self.dataset_cfg[k] for k in ("blur_prob", "blur_sigma") if k in self.dataset_cfg}
+        aug = {**blur, **self.augment}
+        weak_flip = aug.pop("weak_flip_prob", aug.get("flip_prob", 0.5))  # configs from before the knob: the strong flip
         strong = recipes.strong_view(size, mean, std, **aug)
-        key = strong if self.key_view_name == "strong" else recipes.weak_view(size, mean, std, **aug)
+        key = strong if self.key_view_name == "strong" else recipes.weak_view(size, mean, std, aug.get("crop_scale", (0.2, 1.0)), weak_flip)
         return strong, key, transforms.plain_view(size, mean, std)
 
     def state_dict(self) -> dict[str, Any]:
