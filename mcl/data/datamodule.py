@@ -189,7 +189,7 @@ class ContrastiveDataModule(L.LightningDataModule):
         # fixes order.seed; images on the device: the loader yields indices only, in this process (no worker round trip)
         loader = self._loader(dataset, self.batch_size, train=True, collate_fn=batched.whole_batch, workers=0 if images is None else None)
         rank = self.trainer.global_rank if self.trainer is not None else 0
-        self.generator = torch.Generator().manual_seed(self.order.seed + rank)  # the views follow data.seed, one stream per rank
+        self.generator = torch.Generator().manual_seed(self.order.view_seed(rank))  # the views follow data.seed, one stream per rank
         states, self._generator_states = self._generator_states, None
         world = self.trainer.world_size if self.trainer is not None else 1
         if states is not None and len(states) == world:  # resumed: each rank continues its stream where the checkpoint left it
