@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.nn import functional as F
 from torch.utils.data import Dataset
 from torchvision.ops import roi_align
 
@@ -92,8 +93,8 @@ def pil_blur_matrices(sigma: torch.Tensor, size: int, reach: int) -> torch.Tenso
     box = torch.where(far <= whole[:, None], 1.0, torch.where(far == whole[:, None] + 1, a[:, None], 0.0))  # n x T
     box = box / (2 * (whole + a) + 1)[:, None]  # each pass keeps the mean
     columns = (torch.arange(size, device=sigma.device)[:, None] + offset[None]).clamp_(0, size - 1)  # size x T, edges replicated
-    n = sigma.shape[0]
-    one_pass = sigma.new_zeros(n, size, size).scatter_add_(2, columns.expand(n, -1, -1), box[:, None, :].expand(-1, size, -1))
+    taps = F.one_hot(columns, size).transpose(0, 1).flatten(1).to(box.dtype)  # T x size*size: tap t of pixel i reads pixel j
+    one_pass = (box @ taps).view(-1, size, size)  # n x size x size (a matrix product: no atomics, deterministic)
     return one_pass @ one_pass @ one_pass  # n x size x size
 
 
