@@ -75,10 +75,10 @@ def pil_box_radius(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     sigma: n -> (l: n whole taps each side, a: n in [0, 1) the end taps' weight); sigma = 0 gives l = a = 0 (no blur).
     """
-    var = sigma.double() ** 2 / 3  # each of the 3 passes carries a third of the variance
+    var = sigma.float() ** 2 / 3  # each of the 3 passes carries a third of the variance (float32, as PIL's C floats)
     whole = torch.floor((torch.sqrt(12 * var + 1) - 1) / 2)
     a = (2 * whole + 1) * (whole * (whole + 1) - 3 * var) / (6 * (var - (whole + 1) ** 2))
-    return whole.float(), a.float()
+    return whole, a
 
 
 def pil_blur_matrices(sigma: torch.Tensor, size: int, reach: int) -> torch.Tensor:
