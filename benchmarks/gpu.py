@@ -144,7 +144,7 @@ def lightly_moco(args, device: torch.device) -> dict:
     cfg = bench.config(["experiment=moco_v2"])
     proj = {k: cfg.model[k] for k in ("proj_hidden", "proj_out", "proj_layers")}
     images = torch.from_numpy(np.load(args.npz)["x_train"]).permute(0, 3, 1, 2)  # N x 3 x 32 x 32 uint8
-    transform = MoCoV2Transform(input_size=32, gaussian_blur=0.0)  # CIFAR: no blur, as in the lab's recipe
+    transform = MoCoV2Transform(input_size=32, gaussian_blur=0.5)  # the lab's recipe: PIL's blur, p = 0.5, sigma in [0.1, 2]
 
     class Views(torch.utils.data.Dataset):
         def __len__(self) -> int:

@@ -8,7 +8,11 @@ final weights equal an uninterrupted run's bit for bit):
   interrupted epoch already trained on; its state rides in the datamodule's `state_dict`;
 - the augmentations: `SeededItems` draws every item's views from its own seed (also drawn from
   (seed, epoch)), so they do not depend on workers, ranks or where the run was stopped;
-  with data.batched_augment, each rank's view generator is checkpointed (`per_rank`) and continued;
+  with data.batched_augment, each rank's view generator (seeded from (seed, rank)) is
+  checkpointed (`per_rank`) and continued;
+- every one of those streams is seeded through `stream_seed` (numpy's SeedSequence), so no two
+  (seed, epoch) or (seed, rank) share one: with seed + epoch, seed 1339's epoch 1 was seed 1340's
+  epoch 0, and the protocol's three seeds one data stream;
 - the other random streams (torch, numpy, python; one state per rank): `ResumeState` stores
   them in every checkpoint and sets them back when training restarts.
 
@@ -50,25 +54,48 @@ class CheckpointError(ValueError):
 
 
 # --- data order ---------------------------------------------------------------------------
+STREAMS = ("order", "views")  # what a stream seeds: the epoch's order and item seeds, or a rank's batched views
+STREAM_SCHEME = "seedsequence"  # recorded in the data state; checkpoints without it used seed + epoch and seed + rank
+
+
+def stream_seed(seed: int, stream: str, index: int, legacy: bool = False) -> int:
+    """The torch seed of one random stream of run seed `seed`: stream "order" with index = epoch, "views" with index = rank.
+
+    numpy's SeedSequence([seed, stream, index]) mixes the three into 64 unrelated bits: distinct triples
+    give unrelated streams. legacy: seed + index, what checkpoints written before this mix used (and go on using).
+    """
+    if legacy:
+        return seed + index
+    return int(np.random.SeedSequence([seed % 2**64, STREAMS.index(stream), index]).generate_state(1, np.uint64)[0])
+
+
 class ResumableSampler(DistributedSampler):
     """Yields this rank's dataset indices (with_seeds: (index, item seed) pairs) in an order fixed by (seed, epoch).
 
-    The epoch's order is randperm(N) under seed + epoch, cut to a multiple of the world size
+    The epoch's order is randperm(N) under stream_seed(seed, "order", epoch), cut to a multiple of the world size
     (drop_last); rank r takes positions r, r + W, ... (disjoint shards). `skip` items of this
     rank are left out of epoch `skip_epoch`: the ones an interrupted run already trained on.
     A DistributedSampler, so Lightning sets its epoch and does not replace it under DDP.
     """
 
     def __init__(
-        self, dataset: Dataset, num_replicas: int, rank: int, seed: int, skip_epoch: int = -1, skip: int = 0, with_seeds: bool = True
+        self,
+        dataset: Dataset,
+        num_replicas: int,
+        rank: int,
+        seed: int,
+        skip_epoch: int = -1,
+        skip: int = 0,
+        with_seeds: bool = True,
+        legacy_seeds: bool = False,
     ):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
-        self.skip_epoch, self.skip, self.with_seeds = skip_epoch, skip, with_seeds
+        self.skip_epoch, self.skip, self.with_seeds, self.legacy_seeds = skip_epoch, skip, with_seeds, legacy_seeds
         if skip_epoch >= 0:
             self.epoch = skip_epoch  # right even if the loader is iterated before Lightning sets the epoch
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        g = torch.Generator().manual_seed(stream_seed(self.seed, "order", self.epoch, self.legacy_seeds))
         order = torch.randperm(len(self.dataset), generator=g)[: self.total_size]  # N' (a multiple of W)
         seeds = torch.randint(2**62, (len(order),), generator=g)  # N', one augmentation seed per position
         start = self.rank + (self.skip * self.num_replicas if self.epoch == self.skip_epoch else 0)
@@ -99,12 +126,18 @@ class DataOrder:
     """Seed and position of the training order; checkpointed through the datamodule's state_dict.
 
     seed: None draws one (rank 0's, broadcast) when training starts; it is then saved, so a
-    resumed unseeded run keeps its order.
+    resumed unseeded run keeps its order. A checkpoint written before `stream_seed` mixed the seeds
+    (no "streams" entry) resumes with the streams it was trained with (seed + epoch, seed + rank).
     """
 
     def __init__(self, seed: int | None = None):
         self.seed = seed
         self.resume: dict[str, int] | None = None  # position loaded from a checkpoint
+        self.legacy_seeds = False  # True: resumed from a checkpoint of the seed + epoch scheme
+
+    def view_seed(self, rank: int) -> int:
+        """The seed of this rank's batched-view stream (after `sampler` has fixed the run seed)."""
+        return stream_seed(self.seed, "views", rank, self.legacy_seeds)
 
     def sampler(self, dataset: Dataset, batch_size: int, trainer: L.Trainer | None, with_seeds: bool = True) -> ResumableSampler:
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
@@ -122,7 +155,7 @@ class DataOrder:
                     "or from an epoch-end checkpoint."
                 )
             skip_epoch, skip, self.resume = self.resume["epoch"], done * batch_size, None
-        return ResumableSampler(dataset, world, rank, self.seed, skip_epoch, skip, with_seeds)
+        return ResumableSampler(dataset, world, rank, self.seed, skip_epoch, skip, with_seeds, self.legacy_seeds)
 
     def state_dict(self, trainer: L.Trainer | None, batch_size: int) -> dict[str, Any]:
         """Where the next training batch comes from: (epoch, batches of it already trained on)."""
@@ -132,10 +165,18 @@ class DataOrder:
             done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
             if done >= trainer.num_training_batches:  # the epoch is over: the next batch opens the next epoch
                 epoch, done = epoch + 1, 0
-        return {"seed": self.seed, "epoch": epoch, "batches_done": done, "world_size": world, "batch_size": batch_size}
+        scheme = "legacy" if self.legacy_seeds else STREAM_SCHEME
+        return {"seed": self.seed, "epoch": epoch, "batches_done": done, "world_size": world, "batch_size": batch_size, "streams": scheme}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.seed, self.resume = state["seed"], dict(state)
+        self.legacy_seeds = state.get("streams", "legacy") != STREAM_SCHEME
+        if self.legacy_seeds:
+            rank_zero_warn(
+                "mcl: this checkpoint was written before the data streams were seeded through numpy's SeedSequence: it resumes "
+                "with the streams it was trained with (seed + epoch, seed + rank), so the resume stays exact; a new run gets the "
+                "mixed ones (docs/reliability.md)"
+            )
 
 
 # --- random states ------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import lightning as L
 from hydra.errors import InstantiationException
 from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator
 from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 
 from mcl.data.datamodule import ContrastiveDataModule
@@ -72,6 +73,7 @@ def check_config(cfg: DictConfig, world_size: int) -> None:
             f"data.batch_size={cfg.data.batch_size} x {world_size} device(s) = {keys_per_step}"
         )
     check_batchnorm(cfg)
+    warn_idle_shuffle_bn(cfg, world_size)
     check_ranges(cfg)
     check_resume_and_callbacks(cfg)
 
@@ -90,6 +92,17 @@ def check_batchnorm(cfg: DictConfig) -> None:
         raise ConfigError(
             "trainer.sync_batchnorm=true normalises the global batch at once, which undoes model.bn_splits and model.shuffle_bn "
             "(MoCo uses no SyncBN): set trainer.sync_batchnorm=false, or model.bn_splits=1 model.shuffle_bn=false"
+        )
+
+
+def warn_idle_shuffle_bn(cfg: DictConfig, world_size: int) -> None:
+    """A warning, once before training, when model.shuffle_bn=true cannot change anything: with bn_splits=1 on one
+    device every key is normalised in one batch-norm batch, and a permutation of that batch changes no statistic."""
+    if cfg.model.shuffle_bn and cfg.model.bn_splits == 1 and world_size == 1:
+        rank_zero_warn(
+            "mcl: model.shuffle_bn=true changes nothing in this run: with model.bn_splits=1 on one device all keys share "
+            "one batch-norm batch, and shuffling it changes no statistic. Set model.bn_splits=8 (the lab's SplitBatchNorm) "
+            "to normalise groups apart, or model.shuffle_bn=false to say that none is wanted."
         )
 
 

@@ -5,6 +5,7 @@ pair of strategies trains past a full bank with finite gradients."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import lightning as L
@@ -67,11 +68,11 @@ def neighbours(k_i, c, i, topk):
     return top, sim[top]
 
 
-def soft_hard_weights(sim: torch.Tensor, tau_w: float) -> torch.Tensor:
-    """The lab's SNCLR rule: softmax over the neighbours' similarities, weights below 1/k zeroed, renormalised."""
-    soft = torch.softmax(sim / tau_w, dim=0)
-    hard = soft * (soft >= 1.0 / len(sim))
-    return hard / hard.sum()
+def soft_hard_weights(q_i: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
+    """The lab's SNCLR soft + hard rule for one query (D) and its k neighbours (k x D): softmax of their cosines
+    to the query at temperature 1, weights not above 1/k zeroed, not renormalised; with the query's gradient."""
+    soft = torch.softmax(neighbours @ q_i, dim=0)  # k
+    return soft * (soft > 1.0 / len(soft))
 
 
 def debiased_mass(q, k, tau, beta, tau_plus):
@@ -121,10 +122,10 @@ def test_debiased_negatives_with_mined_positives_equal_the_published_loss(negati
     q, k, c = awkward_batch(seed=3)
     tau = module.cfg_model["temperature"]
     mined = [neighbours(k[i], c, i, pos.topk) for i in range(B)]
-    weights = [soft_hard_weights(sim, pos.weight_temperature) for _, sim in mined]
+    weights = [soft_hard_weights(q[i], c.keys[mined[i][0]]) for i in range(B)]  # which are kept: no gradient needed
 
-    def positives(i):
-        cols, w = mined[i][0], weights[i]
+    def positives(q, i):
+        cols, w = mined[i][0], soft_hard_weights(q[i], c.keys[mined[i][0]])  # with the query's gradient
         return [(k[i], pos.lam)] + [(c.keys[j], (1 - pos.lam) * wj) for j, wj in zip(cols, w) if wj > 0]
 
     def negatives(i):
@@ -133,14 +134,49 @@ def test_debiased_negatives_with_mined_positives_equal_the_published_loss(negati
         return ~drop
 
     def expected(q):
-        return published_loss(q, k, c, tau, positives, negatives, debiased_mass(q, k, tau, neg.beta, neg.tau_plus))
+        return published_loss(q, k, c, tau, functools.partial(positives, q), negatives, debiased_mass(q, k, tau, neg.beta, neg.tau_plus))
 
     compare(module, q, k, c, expected)
 
 
+@pytest.mark.parametrize("negative", ["hard", "debiased"])
+def test_debiased_negatives_with_nn_take_the_neighbour_as_the_positive(negative):
+    """nn (lam = 0) + HCL/DCL: the neighbour n_i replaced k_i, so the estimator's positive term is
+    exp(q . n_i / t), not exp(q . k_i / t): the published loss with n_i as the positive, over the negatives
+    that are neither the query's own image nor n_i."""
+    module = module_for(["mining.positive=nn", f"mining.negative={negative}"])
+    neg = module.negative
+    q, k, c = awkward_batch(seed=7)
+    tau = module.cfg_model["temperature"]
+    nearest = [int(neighbours(k[i], c, i, 1)[0][0]) for i in range(B)]
+
+    def negatives(i):
+        drop = own(c, i).clone()
+        drop[nearest[i]] = True
+        return ~drop
+
+    def mass(q):
+        def of_row(i, neg_keys):
+            n_i = c.keys[nearest[i]][None]
+            loss, _ = hcl_reference(q[i : i + 1], n_i, neg_keys, tau, neg.beta, neg.tau_plus)
+            return torch.exp(q[i] @ n_i[0] / tau) * torch.expm1(loss)
+
+        return of_row
+
+    def expected(q):
+        return published_loss(q, k, c, tau, lambda i: [(c.keys[nearest[i]], 1.0)], negatives, mass(q))
+
+    compare(module, q, k, c, expected)
+    with_k = published_loss(
+        q, k, c, tau, lambda i: [(c.keys[nearest[i]], 1.0)], negatives, debiased_mass(q, k, tau, neg.beta, neg.tau_plus)
+    )
+    assert not torch.allclose(with_k, expected(q))  # q . k_i in the estimate would be another loss
+
+
 def test_the_papers_pair_equals_soft_hard_targets_over_the_gradient_band():
-    """t_i = lam onehot(k_i) + (1 - lam) normalised(w_i) (soft weights over the top-k neighbours of the key,
-    the hard rule zeroing those below 1/k); Z = k_i + mined + negatives ranked by similarity to the key
+    """t_i = lam onehot(k_i) + (1 - lam) w_i (the lab's SNCLR soft + hard weights: softmax of the cosines of the
+    key's top-k neighbours to the query, those not above 1/k zeroed, not renormalised, with the query's gradient);
+    Z = k_i + mined + negatives ranked by similarity to the key
     (own image excluded) in the band [start K, end K)."""
     module = module_for(["experiment=paper_cifar10"])
     pos, neg = module.positive, module.negative
@@ -148,11 +184,11 @@ def test_the_papers_pair_equals_soft_hard_targets_over_the_gradient_band():
     q, k, c = awkward_batch(seed=5)
     tau = module.cfg_model["temperature"]
     mined = [neighbours(k[i], c, i, pos.topk) for i in range(B)]
-    weights = [soft_hard_weights(sim, pos.weight_temperature) for _, sim in mined]
+    weights = [soft_hard_weights(q[i], c.keys[mined[i][0]]) for i in range(B)]
     assert any((w == 0).any() for w in weights) and all(w.sum() > 0 for w in weights)  # the hard rule bites
 
-    def positives(i):
-        cols, w = mined[i][0], weights[i]
+    def positives(q, i):
+        cols, w = mined[i][0], soft_hard_weights(q[i], c.keys[mined[i][0]])  # with the query's gradient
         return [(k[i], pos.lam)] + [(c.keys[j], (1 - pos.lam) * wj) for j, wj in zip(cols, w) if wj > 0]
 
     def negatives(i):
@@ -162,7 +198,7 @@ def test_the_papers_pair_equals_soft_hard_targets_over_the_gradient_band():
         band[mined[i][0][weights[i] > 0]] = False  # a mined positive sits in Z once, as a positive
         return band
 
-    compare(module, q, k, c, lambda q: published_loss(q, k, c, tau, positives, negatives))
+    compare(module, q, k, c, lambda q: published_loss(q, k, c, tau, functools.partial(positives, q), negatives))
 
 
 def test_nn_rule_equals_nnclr_inside_moco():

@@ -133,36 +133,119 @@ def test_in_batch_mining_mines_among_the_other_images_of_the_batch(tmp_path):
 
 
 # --- positives -----------------------------------------------------------------------------
-def test_soft_weights_are_a_distribution_ordered_like_the_similarities():
-    soft, _ = strategies("soft")
+def test_soft_weights_are_a_distribution_ordered_like_the_query_similarities():
+    """soft: the key's top-k neighbours, weighted softmax(cos(q, n) / 1) (the lab's SNCLR); weights_from=key:
+    softmax(cos(k, n) / weight_temperature), mcl's earlier rule."""
     q, k, bank = unit(6, 16, seed=1), unit(6, 16, seed=2), unit(64, 16, seed=3)
-    ctx = context(q, k, bank)
-    pos = soft(ctx)
-    assert pos.index.shape == (6, soft.topk) and pos.lam == soft.lam
-    torch.testing.assert_close(pos.weight.sum(1), torch.ones(6))
-    assert (pos.weight > 0).all()
-    sim = ctx.key_bank_sim.gather(1, pos.index)  # B x k
-    assert torch.equal(pos.index, (k @ bank.T).topk(soft.topk, dim=1).indices)  # the key's top-k neighbours
-    assert torch.equal(sim.argsort(1, descending=True), pos.weight.argsort(1, descending=True))
-    torch.testing.assert_close(pos.weight, torch.softmax(sim / soft.weight_temperature, dim=1))
+    for weights_from, tau_w in (("query", None), ("key", "0.1")):
+        extra = (f"mining.positive.weights_from={weights_from}",) + ((f"mining.positive.weight_temperature={tau_w}",) if tau_w else ())
+        soft, _ = strategies("soft", extra=extra)
+        ctx = context(q, k, bank)
+        pos = soft(ctx)
+        assert pos.index.shape == (6, soft.topk) and pos.lam == soft.lam
+        assert torch.equal(pos.index, (k @ bank.T).topk(soft.topk, dim=1).indices)  # searched by the key either way
+        torch.testing.assert_close(pos.weight.sum(1), torch.ones(6))
+        sim = (q if weights_from == "query" else k)[:, None, :].mul(bank[pos.index]).sum(-1)  # B x k
+        assert torch.equal(sim.argsort(1, descending=True), pos.weight.argsort(1, descending=True))
+        torch.testing.assert_close(pos.weight, torch.softmax(sim / (1.0 if tau_w is None else 0.1), dim=1))
 
 
 @pytest.mark.parametrize("rule", ["above_mean", "threshold"])
 @pytest.mark.parametrize("name", ["hard", "soft_hard"])
 def test_hard_rule_zeroes_exactly_the_neighbours_that_fail_it(name, rule):
-    strategy, _ = strategies(name, extra=(f"mining.positive.hard_rule={rule}", "mining.positive.threshold=0.8"))
+    strategy, _ = strategies(name, extra=(f"mining.positive.hard_rule={rule}", "mining.positive.threshold=0.3"))
     q, k, bank = unit(32, 8, seed=4), unit(32, 8, seed=5), unit(128, 8, seed=6)
     ctx = context(q, k, bank)
     pos = strategy(ctx)
-    sim = ctx.key_bank_sim.gather(1, pos.index)  # B x k
-    soft = torch.softmax(sim / strategy.weight_temperature, dim=1)
-    passes = soft >= 1 / strategy.topk if rule == "above_mean" else sim >= 0.8
+    sim = ctx.bank_sim.gather(1, pos.index)  # B x k: to the query
+    soft = torch.softmax(sim, dim=1)  # tau_w = 1
+    passes = soft > 1 / strategy.topk if rule == "above_mean" else sim >= 0.3
     assert passes.any() and not passes.all()  # the example exercises both outcomes
     assert torch.equal(pos.weight > 0, passes)
-    rows = passes.any(1)
-    torch.testing.assert_close(pos.weight.sum(1)[rows], torch.ones(int(rows.sum())))
-    expected = soft * passes if name == "soft_hard" else passes.float()
-    torch.testing.assert_close(pos.weight, expected / expected.sum(1, keepdim=True).clamp_min(1e-12))
+    if name == "soft_hard":  # as the lab: the kept soft weights, not renormalised
+        torch.testing.assert_close(pos.weight, soft * passes)
+    else:  # equal weights 1 / #passing
+        expected = passes.float()
+        torch.testing.assert_close(pos.weight, expected / expected.sum(1, keepdim=True).clamp_min(1e-12))
+
+
+def lab_snclr_weights(z_q: torch.Tensor, nearest: torch.Tensor, topk: int) -> torch.Tensor:
+    """The lab's SNCLR target weights (network/SNCLR.py, `generation_mask_with_pos` with threshold=True), on B
+    queries z_q (B x D) and each query's topk neighbours (B x topk x D), written as the lab writes them: the
+    cosine of every query to every neighbour of the batch (B x B*topk), -999 on the other queries' neighbours,
+    a softmax over the row, weights not above 1/topk zeroed. Returns each query's own block, B x topk."""
+    b = z_q.shape[0]
+    querys = F.normalize(z_q, dim=1)
+    nearest = F.normalize(nearest.reshape(b * topk, -1), dim=1)
+    cross_attn = querys @ nearest.T  # B x B*topk
+    mask = ((torch.eye(b) - 1) * 999).repeat(topk, 1).reshape(topk, b, -1).permute(2, 1, 0).reshape(b, topk * b)
+    cross_attn = F.softmax(cross_attn + mask, dim=1)
+    cross_attn = cross_attn * (cross_attn > (1.0 / topk)).long()
+    return cross_attn.reshape(b, b, topk)[torch.arange(b), torch.arange(b)]  # B x topk
+
+
+def tie_bank(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """A bank (64 x D) where the key of query 0 has 5 identical nearest entries (equal similarities: the lab keeps
+    none) and the key of query 1 two identical ones among its 5 nearest (a tie inside the row)."""
+    bank = unit(64, q.shape[1], seed=13)
+    bank[:5] = F.normalize(k[0] + 0.1 * unit(q.shape[1], seed=14), dim=0)  # 5 copies of one vector
+    bank[5] = bank[6] = F.normalize(k[1] + 0.05 * unit(q.shape[1], seed=15), dim=0)
+    return bank
+
+
+def test_soft_hard_weights_and_their_gradient_are_the_labs_snclr_rule():
+    """soft_hard's weights equal `lab_snclr_weights` on the same queries and neighbours (the key's top-5),
+    equal similarities (row 0: none kept) and a tie (row 1) included, and so does their gradient in the query."""
+    soft_hard, _ = strategies("soft_hard")
+    assert (soft_hard.weights_from, soft_hard.weight_temperature, soft_hard.renormalise) == ("query", 1.0, False)
+    z = torch.randn(8, 16, generator=torch.Generator().manual_seed(12)).requires_grad_(True)
+    q, k = F.normalize(z, dim=1), unit(8, 16, seed=11)  # the module's query: the projection, normalised (no predictor)
+    bank = tie_bank(q.detach(), k)
+    with torch.enable_grad():
+        pos, _ = select(context(q, k, bank), soft_hard, lambda ctx: NegativeSelection())
+    assert sorted(pos.index[0].tolist()) == [0, 1, 2, 3, 4] and {5, 6} <= set(pos.index[1].tolist())
+    lab = lab_snclr_weights(z, bank[pos.index], soft_hard.topk)  # B x k
+    torch.testing.assert_close(pos.weight, lab)
+    assert (pos.weight[0] == 0).all() and (pos.weight[1:].sum(1) > 0).all()  # equal similarities: nothing kept
+    tied = (pos.index[1] == 5) | (pos.index[1] == 6)
+    assert pos.weight[1, tied][0] == pos.weight[1, tied][1]
+    assert (pos.weight.sum(1) < 1).all()  # not renormalised
+    coefficients = torch.randn(8, soft_hard.topk, generator=torch.Generator().manual_seed(16))
+    (ours,) = torch.autograd.grad((pos.weight * coefficients).sum(), z)
+    (theirs,) = torch.autograd.grad((lab * coefficients).sum(), z)
+    torch.testing.assert_close(ours, theirs)
+    assert ours[1:].abs().sum() > 0  # the weights do carry the query's gradient
+    key_rule, _ = strategies("soft_hard", extra=("mining.positive.weights_from=key",))
+    assert (
+        not key_rule.differentiable and not select(context(q, k, bank), key_rule, lambda ctx: NegativeSelection())[0].weight.requires_grad
+    )
+
+
+def test_soft_hard_loss_and_gradient_through_the_module_follow_the_labs_weights(tmp_path):
+    """MCLModule.contrast with soft_hard: targets t_i = lam onehot(k_i) + (1 - lam) w_i with the lab's weights
+    (which carry gradient through scatter_add_), Z over [k_i | bank] with the own image's entries left out:
+    loss and d loss / d z equal the formula's written here."""
+    module = make_module(tmp_path, ["mining.positive=soft_hard", "mining.negative=all", "model.queue_size=64", "model.proj_out=16"])
+    z = torch.randn(8, 16, generator=torch.Generator().manual_seed(12)).requires_grad_(True)
+    k = unit(8, 16, seed=11)
+    bank = tie_bank(z.detach(), k)
+    module.bank.enqueue(bank, torch.arange(1000, 1064), torch.arange(64) % 10)
+    tau, lam, topk = module.cfg_model["temperature"], module.positive.lam, module.positive.topk
+    loss, _, pos, _ = module.contrast(F.normalize(z, dim=1), k, torch.arange(8))
+    neighbours = (k @ bank.T).topk(topk, dim=1).indices  # B x k, by the key (no own-image entry in this bank)
+    w = lab_snclr_weights(z, bank[neighbours], topk)  # B x k, with gradient
+    q = F.normalize(z, dim=1)
+    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ bank.T], dim=1) / tau  # B x (1+K)
+    mined = w.sum(1, keepdim=True) > 0
+    targets = torch.zeros(8, 65)
+    targets[:, :1] = torch.where(mined, lam, 1.0)
+    targets = targets + torch.zeros(8, 65).scatter(1, neighbours + 1, torch.where(mined, 1 - lam, 0.0) * w)
+    reference = -(targets * F.log_softmax(logits, dim=1)).sum(1).mean()
+    torch.testing.assert_close(loss, reference)
+    ours, theirs = (torch.autograd.grad(x, z, retain_graph=True)[0] for x in (loss, reference))
+    torch.testing.assert_close(ours, theirs)
+    detached = -(targets.detach() * F.log_softmax(logits, dim=1)).sum(1).mean()
+    assert not torch.allclose(torch.autograd.grad(detached, z)[0], theirs)  # the weights' own gradient counts
 
 
 def test_nn_replaces_the_augmented_positive_by_the_nearest_neighbour():
@@ -366,6 +449,7 @@ def test_warmup_mines_nothing_until_the_bank_is_full(positive, negative):
     [
         (["mining.positive=soft", "mining.positive.topk=257"], "topk=257"),
         (["mining.positive=soft_hard", "mining.positive.hard_rule=median"], "hard_rule"),
+        (["mining.positive=soft_hard", "mining.positive.weights_from=bank"], r"weights_from must be one of \('query', 'key'\)"),
         (["mining.negative=gradient", "mining.negative.start=0.6", "mining.negative.end=0.5"], "start < end"),
         (["mining.negative=gradient", "mining.negative.unit=rank", "mining.negative.start=10", "mining.negative.end=300"], "end <= 256"),
         (["mining.negative=gradient", "mining.negative.final_start=0.4", "mining.negative.final_end=0.2"], "end of training"),

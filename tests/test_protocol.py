@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import functools
 import itertools
+import warnings
 from pathlib import Path
 
 import hydra
@@ -22,7 +23,7 @@ from torch.nn import functional as F
 from mcl.batchnorm import SplitBatchNorm, shuffled
 from mcl.export import torchvision_recipe
 from mcl.module import MCLModule
-from mcl.train import CONF_DIR, ConfigError, build, build_module, check_batchnorm
+from mcl.train import CONF_DIR, ConfigError, build, build_module, check_batchnorm, check_config
 
 B = 16
 STEP = ["experiment=moco_v2", "logger=none", "callbacks=none", "dataset=digits", "dataset.image_size=16", "backbone.width=8"]
@@ -229,6 +230,16 @@ def test_batch_not_a_multiple_of_bn_splits_and_sync_batchnorm_fail_before_traini
         check_batchnorm(make_cfg([*STEP, "+trainer.sync_batchnorm=true"], tmp_path))  # build() stops earlier on a CPU: no SyncBN there
     with pytest.raises(ConfigError, match=r"model.bn_splits must be a positive integer"):
         build(make_cfg([*STEP, "model.bn_splits=0"], tmp_path))
+
+
+def test_shuffle_bn_that_cannot_change_anything_is_a_warning(tmp_path):
+    cfg = make_cfg([*STEP, "model.bn_splits=1", "model.shuffle_bn=true"], tmp_path)
+    with pytest.warns(UserWarning, match=r"mcl: model.shuffle_bn=true changes nothing in this run: with model.bn_splits=1 on one"):
+        check_config(cfg, world_size=1)
+    for overrides, world in ((["model.bn_splits=8"], 1), (["model.bn_splits=1"], 2), (["model.bn_splits=1", "model.shuffle_bn=false"], 1)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # it does something (split BN, several devices) or is off: no warning
+            check_config(make_cfg([*STEP, *overrides, f"data.batch_size={B // world}"], tmp_path), world_size=world)
 
 
 # --- precision, EMA, the key encoder's statistics -------------------------------------------

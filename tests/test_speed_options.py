@@ -191,7 +191,7 @@ def test_accumulated_diagnostics_are_the_means_of_the_step_values():
     of `mining_diagnostics`, counting a step only where both directions define the diagnostic."""
     torch.manual_seed(0)
     meter, bank_labels = MiningMeter(), torch.arange(64) % 5
-    expected: list[dict[str, torch.Tensor]] = []
+    expected: list[dict[str, float]] = []  # plain floats: pytest.approx compares numbers, not tensors
     for step in range(3):
         directions = []
         for _ in range(2):
@@ -204,14 +204,14 @@ def test_accumulated_diagnostics_are_the_means_of_the_step_values():
             query_labels = torch.arange(6) % 5 if step < 2 else torch.full((6,), -1)  # step 2: unlabelled queries
             directions.append((ctx, pos, neg, query_labels))
         stats = [mining_diagnostics(ctx, pos, neg, y, bank_labels) for ctx, pos, neg, y in directions]
-        expected.append({n: 0.5 * (stats[0][n] + stats[1][n]) for n in stats[0].keys() & stats[1].keys()})
+        expected.append({n: 0.5 * (stats[0][n] + stats[1][n]).item() for n in stats[0].keys() & stats[1].keys()})
         meter.update(*(diagnostic_sums(ctx, pos, neg, y, bank_labels) for ctx, pos, neg, y in directions))
         if step == 1:
             interval = meter.read("interval")
-            means = {n: torch.stack([e[n] for e in expected if n in e]).mean().item() for n in set().union(*expected)}
+            means = {n: sum(v := [e[n] for e in expected if n in e]) / len(v) for n in set().union(*expected)}
             assert interval == pytest.approx(means, rel=1e-5)
     epoch = meter.read("epoch")
-    means = {n: torch.stack([e[n] for e in expected if n in e]).mean().item() for n in set().union(*expected)}
+    means = {n: sum(v := [e[n] for e in expected if n in e]) / len(v) for n in set().union(*expected)}
     assert "pos_purity" in epoch and sum("pos_purity" in e for e in expected) == 1  # defined in step 1 only
     assert epoch == pytest.approx(means, rel=1e-5)
     assert meter.read("interval") == pytest.approx({n: v for n, v in expected[2].items()}, rel=1e-5)  # since the last read

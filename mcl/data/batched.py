@@ -6,14 +6,15 @@ same, and so is the distribution of every random parameter (each image draws its
 flip, jitter strengths and order, grayscale and blur), but each op runs once for the whole batch:
 
     uint8 B x 3 x H x W -> float [0, 1] -> crop+resize (roi_align) -> flip -> colour jitter in the
-    image's own order -> grayscale -> blur -> normalise            float B x 3 x size x size
+    image's own order -> grayscale -> PIL's Gaussian blur -> normalise   float B x 3 x size x size
 
 Random parameters are drawn on the CPU from an explicit torch.Generator (deterministic under a
 seed, identical on CPU and GPU) and only the small parameter tensors travel to the device.
 Differences from the per-image path, none of which changes the distribution of parameters:
 the per-image path rounds to uint8 after every op, this one stays in float; the crop samples
 its bilinear taps from the whole image (the per-image path clamps at the crop's border); a crop
-larger than `size` is box-averaged by roi_align instead of torchvision's antialias filter.
+larger than `size` is box-averaged by roi_align instead of torchvision's antialias filter; the
+blur is PIL's filter (as the per-image path's) in float, not rounded after each of its passes.
 """
 
 from __future__ import annotations
@@ -68,15 +69,43 @@ def _shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 JITTER_OPS = (_brightness, _contrast, _saturation, _shift_hue)  # ColorJitter's op ids 0-3, each (n x 3 x H x W, n) -> n x 3 x H x W
 
 
-def _blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """Gaussian blur with one sigma per image (n), reflect padding: torchvision's gaussian_blur, batched."""
-    n, c, h, w = x.shape
-    taps = torch.arange(kernel_size, dtype=x.dtype, device=x.device) - (kernel_size - 1) / 2
-    k1 = torch.softmax(-0.5 * (taps[None] / sigma[:, None]) ** 2, dim=1)  # n x k
-    k2 = (k1[:, :, None] * k1[:, None, :]).repeat_interleave(c, dim=0)[:, None]  # (n*c) x 1 x k x k
-    pad = kernel_size // 2
-    padded = F.pad(x.reshape(1, n * c, h, w), (pad, pad, pad, pad), mode="reflect")
-    return F.conv2d(padded, k2, groups=n * c).reshape(n, c, h, w)
+def pil_box_radius(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """PIL's box radius l + a for GaussianBlur(radius=sigma) with 3 passes (its BoxBlur.c `_gaussian_blur_radius`,
+    from Gwosdek et al. 2011): a box of 2l + 1 full taps and two end taps of weight a, variance sigma^2 / 3 each.
+
+    sigma: n -> (l: n whole taps each side, a: n in [0, 1) the end taps' weight); sigma = 0 gives l = a = 0 (no blur).
+    """
+    var = sigma.float() ** 2 / 3  # each of the 3 passes carries a third of the variance (float32, as PIL's C floats)
+    whole = torch.floor((torch.sqrt(12 * var + 1) - 1) / 2)
+    a = (2 * whole + 1) * (whole * (whole + 1) - 3 * var) / (6 * (var - (whole + 1) ** 2))
+    return whole, a
+
+
+def pil_blur_matrices(sigma: torch.Tensor, size: int, reach: int) -> torch.Tensor:
+    """n x size x size: M_i such that M_i @ line blurs a line of `size` pixels as PIL's GaussianBlur(sigma_i) does
+    along one axis: three extended box passes, each replicating the edge pixels (PIL's `ImagingLineBoxBlur`),
+    in float (PIL rounds to uint8 after each pass). reach: taps each side of one box, at least l + 1 for every
+    sigma (a constant, so every step builds the same shapes). sigma_i = 0 gives the identity.
+    """
+    whole, a = pil_box_radius(sigma)  # n each
+    offset = torch.arange(-reach, reach + 1, device=sigma.device)  # T
+    far = offset.abs()[None].float()  # 1 x T
+    box = torch.where(far <= whole[:, None], 1.0, torch.where(far == whole[:, None] + 1, a[:, None], 0.0))  # n x T
+    box = box / (2 * (whole + a) + 1)[:, None]  # each pass keeps the mean
+    columns = (torch.arange(size, device=sigma.device)[:, None] + offset[None]).clamp_(0, size - 1)  # size x T, edges replicated
+    taps = F.one_hot(columns, size).transpose(0, 1).flatten(1).to(box.dtype)  # T x size*size: tap t of pixel i reads pixel j
+    one_pass = (box @ taps).view(-1, size, size)  # n x size x size (a matrix product: no atomics, deterministic)
+    return one_pass @ one_pass @ one_pass  # n x size x size
+
+
+def _blur(x: torch.Tensor, sigma: torch.Tensor, reach: int) -> torch.Tensor:
+    """PIL's GaussianBlur(radius=sigma_i) of each image (x: n x 3 x S x S float, sigma: n; 0 leaves an image as it is).
+
+    Two batched matrix products (columns, then rows) with one matrix an image: no convolution whose shape
+    follows the number of blurred images, so nothing is re-tuned when it changes.
+    """
+    m = pil_blur_matrices(sigma, x.shape[-1], reach)[:, None]  # n x 1 x S x S (square views: one matrix per axis)
+    return m @ x @ m.transpose(-1, -2)  # n x 3 x S x S
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -103,7 +132,7 @@ class BatchedView:
         blur_prob: float = 0.0,
         flip_prob: float = 0.5,
         crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),  # RandomResizedCrop's default
-        blur_sigma: tuple[float, float] = (0.1, 2.0),  # as in transforms.strong_view
+        blur_sigma: tuple[float, float] = (0.1, 2.0),  # as in transforms.strong_view (the lab's)
     ):
         self.size, self.mean, self.std = size, list(mean), list(std)
         self.crop_scale, self.crop_ratio = tuple(crop_scale), tuple(crop_ratio)
@@ -113,7 +142,7 @@ class BatchedView:
         self.jitter_ranges += [(max(0.0, 1 - s), 1 + s) if s else None, (-h, h) if h else None]
         self.jitter_prob, self.gray_prob, self.flip_prob = jitter_prob, gray_prob, flip_prob
         self.blur_prob, self.blur_sigma = blur_prob, tuple(blur_sigma)
-        self.blur_kernel = 2 * (size // 20) + 1  # as in transforms.strong_view
+        self.blur_reach = int(pil_box_radius(torch.tensor([max(self.blur_sigma)]))[0]) + 1  # one box's taps each side at the largest sigma
 
     def sample(self, n: int, height: int, width: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Each image's random parameters (CPU tensors), drawn as torchvision draws them."""
@@ -164,17 +193,22 @@ class BatchedView:
             for op_id, op in enumerate(JITTER_OPS):
                 steps.append((op, p["jitter"] & (order[:, position] == op_id) & ~factor[:, op_id].isnan(), factor[:, op_id]))
         steps.append((lambda v, _: _gray(v).expand(-1, 3, -1, -1), p["gray"], None))
-        steps.append((lambda v, sigma: _blur(v, sigma, self.blur_kernel), p["blur"], p["blur_sigma"]))
         rows = [mask.nonzero().flatten() for _, mask, _ in steps]
         values = [value[mask] if value is not None else torch.empty(0) for _, mask, value in steps]
+        # the blur runs on every image, sigma 0 where it does not apply: its shapes follow the batch, not the draw
+        values.append(torch.where(p["blur"], p["blur_sigma"], 0.0) if self.blur_prob > 0 else torch.empty(0))
         boxes = torch.cat([torch.arange(n, dtype=torch.float32)[:, None], p["box"]], 1)  # n x 5: image, x1 y1 x2 y2
         dev_rows = _to_device(torch.cat(rows), images.device).split([len(r) for r in rows])
-        dev_boxes, *dev_values = _to_device(torch.cat([boxes.flatten(), *values]), images.device).split([5 * n, *map(len, values)])
+        dev_boxes, *dev_values, dev_sigma = _to_device(torch.cat([boxes.flatten(), *values]), images.device).split(
+            [5 * n, *map(len, values)]
+        )
         x = images.float().div_(255).contiguous()  # B x 3 x H x W
         x = roi_align(x, dev_boxes.view(n, 5), self.size, sampling_ratio=-1, aligned=True)  # B x 3 x size x size
         for (op, _, _), cpu_rows, r, v in zip(steps, rows, dev_rows, dev_values):
             if len(cpu_rows):
                 x[r] = op(x[r], v)  # r, v: the selected rows and their strengths, on the device
+        if self.blur_prob > 0:
+            x = _blur(x, dev_sigma, self.blur_reach)
         for c in range(3):
             x[:, c].sub_(self.mean[c]).div_(self.std[c])
         return x

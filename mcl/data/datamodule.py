@@ -146,9 +146,11 @@ class ContrastiveDataModule(L.LightningDataModule):
     def _views(self, recipes=transforms):
         """(query view, key view, monitors' view); recipes: mcl.data.transforms or mcl.data.batched."""
         size, mean, std = self.dataset_cfg["image_size"], self.dataset_cfg["mean"], self.dataset_cfg["std"]
-        aug = {"blur_prob": self.dataset_cfg.get("blur_prob", 0.0), **self.augment}
+        blur = {k: self.dataset_cfg[k] for k in ("blur_prob", "blur_sigma") if k in self.dataset_cfg}
+        aug = {**blur, **self.augment}
+        weak_flip = aug.pop("weak_flip_prob", aug.get("flip_prob", 0.5))  # configs from before the knob: the strong flip
         strong = recipes.strong_view(size, mean, std, **aug)
-        key = strong if self.key_view_name == "strong" else recipes.weak_view(size, mean, std, **aug)
+        key = strong if self.key_view_name == "strong" else recipes.weak_view(size, mean, std, aug.get("crop_scale", (0.2, 1.0)), weak_flip)
         return strong, key, transforms.plain_view(size, mean, std)
 
     def state_dict(self) -> dict[str, Any]:
@@ -187,7 +189,7 @@ class ContrastiveDataModule(L.LightningDataModule):
         # fixes order.seed; images on the device: the loader yields indices only, in this process (no worker round trip)
         loader = self._loader(dataset, self.batch_size, train=True, collate_fn=batched.whole_batch, workers=0 if images is None else None)
         rank = self.trainer.global_rank if self.trainer is not None else 0
-        self.generator = torch.Generator().manual_seed(self.order.seed + rank)  # the views follow data.seed, one stream per rank
+        self.generator = torch.Generator().manual_seed(self.order.view_seed(rank))  # the views follow data.seed, one stream per rank
         states, self._generator_states = self._generator_states, None
         world = self.trainer.world_size if self.trainer is not None else 1
         if states is not None and len(states) == world:  # resumed: each rank continues its stream where the checkpoint left it

@@ -30,6 +30,9 @@ class MiningContext:
     progress:    training progress in [0, 1], for scheduled knobs.
     positive:    B x K bool, the entries mined as positives with target mass (set by `select`
                  between the two strategies; None when nothing was mined): never negatives.
+    replaced:    B bool, the rows where the mined positives replaced k_i (lam = 0: k_i left the
+                 loss), with replacement_weight B x K their target weights, rows summing to 1
+                 (no gradient); None when no row lost k_i. Set by `select`.
     """
 
     query: torch.Tensor
@@ -42,6 +45,8 @@ class MiningContext:
     bank_full: bool = True
     progress: float = 0.0
     positive: torch.Tensor | None = None
+    replaced: torch.Tensor | None = None
+    replacement_weight: torch.Tensor | None = None
 
     @functools.cached_property
     def key_bank_sim(self) -> torch.Tensor:
@@ -57,7 +62,8 @@ class MiningContext:
 class PositiveSelection:
     """Mined positives: bank entries `index` (B x m) with target weights `weight` (B x m).
 
-    Rows of `weight` sum to 1, or to 0 where nothing was mined for that query. `lam` is the
+    Rows of `weight` sum to at most 1, and to 0 where nothing was mined for that query; they may
+    carry gradient (soft weights from the query, as the lab's SNCLR). `lam` is the
     target weight of the augmented positive: t_i = lam * onehot(k_i) + (1 - lam) * weight_i,
     and rows with no mined weight fall back to lam = 1. lam = 0 (NNCLR): in the rows with mined
     weight, k_i is no candidate either: it leaves the normaliser.
@@ -120,9 +126,20 @@ def mined_mask(pos: PositiveSelection, num_entries: int) -> torch.Tensor | None:
 
 
 def select(ctx: MiningContext, positive, negative) -> tuple[PositiveSelection, NegativeSelection]:
-    """Run both strategies on one direction: positives first (no gradient), then negatives, which see
-    the mined positives as `ctx.positive` (a debiased estimate must not count them as negatives)."""
-    with torch.no_grad():
+    """Run both strategies on one direction: positives first, then negatives, which see the mined
+    positives as `ctx.positive` (a debiased estimate must not count them as negatives) and, where they
+    replaced k_i (lam = 0), `ctx.replaced` and `ctx.replacement_weight`.
+
+    Positives run without gradient unless the strategy's `differentiable` says its weights carry the
+    query's (the module turns them into targets with scatter_add_, which passes it on).
+    """
+    with torch.set_grad_enabled(torch.is_grad_enabled() and getattr(positive, "differentiable", False)):
         pos = positive(ctx)
-    ctx.positive = mined_mask(pos, ctx.bank_sim.shape[1])
+    num_entries = ctx.bank_sim.shape[1]
+    ctx.positive = mined_mask(pos, num_entries)
+    if pos.lam == 0 and pos.index.shape[1] > 0:
+        weight = pos.weight.detach()
+        total = weight.sum(dim=1, keepdim=True)  # B x 1
+        spread = torch.zeros(weight.shape[0], num_entries, dtype=weight.dtype, device=weight.device).scatter_add_(1, pos.index, weight)
+        ctx.replaced, ctx.replacement_weight = total[:, 0] > 0, spread / total.clamp_min(torch.finfo(weight.dtype).tiny)  # B, B x K
     return pos, negative(ctx)  # with gradient: a debiased log_mass is part of the loss

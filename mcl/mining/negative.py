@@ -220,7 +220,9 @@ class DebiasedNegatives:
     """`mining.negative=hard` (HCL) and `mining.negative=debiased` (DCL, beta = 0).
 
     With s_ij = q_i . bank_j / t over the N_i kept entries (all but the query's own image and the
-    entries mined as positives, `ctx.positive`), pos_i = exp(q_i . k_i / t):
+    entries mined as positives, `ctx.positive`), pos_i = exp(q_i . k_i / t) (in rows where a mined
+    positive replaced k_i, `nn` with lam = 0: exp(q_i . n_i / t), the target-weighted mean logit of
+    the mined positives, since k_i is no longer in the loss):
         imp_ij = exp(beta * s_ij)                                    importance weights
         R_i    = sum_j imp_ij exp(s_ij) / mean_j imp_ij              reweighted negative mass
         Ng_i   = max((R_i - tau_plus * N_i * pos_i) / (1 - tau_plus), N_i * exp(-1 / t))
@@ -264,6 +266,9 @@ class DebiasedNegatives:
         log_mean_imp = torch.logsumexp(log_imp, dim=1) - n_rows.log()  # B
         log_reweighted = torch.logsumexp(log_imp + s, dim=1) - log_mean_imp  # B: log R_i
         log_pos = (ctx.query.float() * ctx.key.float()).sum(dim=1) / t  # B
+        if ctx.replaced is not None:  # lam = 0 (nn): k_i left these rows; their positive is the mined one (weighted mean logit)
+            mined_logit = (ctx.replacement_weight * ctx.bank_sim.float()).sum(dim=1) / t  # B
+            log_pos = torch.where(ctx.replaced, mined_logit, log_pos)
         log_prior = math.log(self.tau_plus) if self.tau_plus > 0 else float("-inf")
         gap = (log_prior + n_rows.log() + log_pos - log_reweighted).clamp(max=-1e-6)  # B: log(tau_plus N pos / R)
         log_diff = torch.where(gap < -1e-6, log_reweighted + torch.log1p(-gap.exp()), float("-inf"))  # log(R - tau_plus N pos)
