@@ -25,6 +25,7 @@ import lightning as L
 import pytest
 import torch
 from conftest import MICRO, make_cfg
+from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -180,3 +181,48 @@ def test_the_census_sees_each_kind_of_round_trip():
         torch.where(x > 0, x, 0.0), x.masked_fill(x > 0, float("-inf")), x.new_full((), 4.0), torch.full((2,), 1.0), x * 2.0
         x[torch.arange(2)], x.index_select(0, torch.arange(2))
     assert census.records == []
+
+
+# --- the round-trip-free bodies give the former results ----------------------------------------------
+def former_nnclr_rows(p: torch.Tensor, neighbours: torch.Tensor, tau: float) -> torch.Tensor:
+    """nnclr_loss's row term as it was: the query's own neighbours picked with a boolean mask."""
+    b, k, _ = neighbours.shape
+    logits = p @ neighbours.flatten(0, 1).T / tau  # B x Bk
+    target = torch.arange(b).repeat_interleave(k)[None, :] == torch.arange(b)[:, None]  # B x Bk
+    rows = -F.log_softmax(logits, dim=1)[target].view(b, k).sum(dim=1).mean()
+    return 0.5 * (rows + F.cross_entropy(logits.T, torch.arange(b).repeat_interleave(k)))
+
+
+def former_snclr_target(weight: torch.Tensor) -> torch.Tensor:
+    """snclr_loss's target as it was: the diagonal blocks written through a boolean mask."""
+    b, k = weight.shape
+    target = torch.zeros(b, b, 1 + k, dtype=weight.dtype)
+    target[torch.eye(b, dtype=torch.bool)] = torch.cat([torch.ones_like(weight[:, :1]), weight], dim=1)
+    return target.flatten(1)
+
+
+def test_the_losses_without_masks_equal_their_former_bodies():
+    """Seeded inputs with awkward ties (two identical neighbours): nnclr_loss and snclr_loss and their input
+    gradients equal the former masked bodies (written above), and the diagnostics' counts are the same."""
+    from mcl.neighbours import neighbour_diagnostics, nnclr_loss, snclr_loss, snclr_weights
+
+    torch.manual_seed(0)
+    b, k, d, tau = 6, 3, 8, 0.2
+    neighbours = F.normalize(torch.randn(b, k, d), dim=2)
+    neighbours[:, 1] = neighbours[:, 0]  # tied neighbours
+    p, z = F.normalize(torch.randn(b, d), dim=1).requires_grad_(True), torch.randn(b, d, requires_grad=True)
+    keys = F.normalize(torch.randn(b, d), dim=1)
+    ours, former = nnclr_loss(p, neighbours, tau), former_nnclr_rows(p, neighbours, tau)
+    torch.testing.assert_close(ours, former, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(torch.autograd.grad(ours, p)[0], torch.autograd.grad(former, p)[0], rtol=1e-6, atol=1e-7)
+    for threshold in (False, True):
+        loss, weight = snclr_loss(p, z, keys, neighbours, tau, threshold)
+        logits = p @ torch.cat([keys[:, None], neighbours], dim=1).flatten(0, 1).T / tau  # B x B(1+k)
+        target = former_snclr_target(snclr_weights(z, neighbours, threshold))
+        former = -(target * F.log_softmax(logits, dim=1).masked_fill(target == 0, 0.0)).sum(dim=1).mean()
+        torch.testing.assert_close(loss, former, rtol=1e-6, atol=1e-6)
+        for a, c in zip(torch.autograd.grad(loss, (p, z)), torch.autograd.grad(former, (p, z))):
+            torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-7)
+    labels, query_labels = torch.randint(-1, 3, (b, k)), torch.randint(-1, 3, (b,))
+    stats = neighbour_diagnostics(weight, labels, query_labels)
+    assert stats[1, 0] == b and stats[0, 0] == (weight > 0).sum()  # pos_kept: kept neighbours over B queries
