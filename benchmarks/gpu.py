@@ -1,19 +1,25 @@
 """The GPU figures in one command (at most 8 minutes on one H200): speed end to end, then quality.
 
     python benchmarks/gpu.py [--npz PATH] [--out DIR]              # GPU
-    python benchmarks/gpu.py --device cpu --tiny --out DIR          # the script itself, on a CPU (about a minute)
+    python benchmarks/gpu.py --device cpu --tiny --out DIR          # the script itself, on a CPU (a few minutes)
 
-(a) Speed, in the lab protocol (experiment=moco_v2 and experiment=paper_cifar10: ResNet-18 width 64,
-batch 256, bank 4096) on CIFAR-10-sized data (the dev subset's 10,000 training images repeated to
-50,000): `Trainer.fit` over `--epochs` epochs with trainer=gpu's settings as a user gets them (bf16-mixed; the
-"auto" speed options: channels_last, views made on the GPU from the training set kept there; the
-table lists what they resolved to); CSV logging every 20 steps; callbacks=default; no progress bar), the kNN/linear monitors in the last epoch. Per run: images/s of
-a training epoch (median after the first, which pays the warm-up), images/s end to end with the
-monitors' time spread over the protocol's 5 epochs, the projected 200-epoch wall time. Beside them:
-the backbone's forward+backward+SGD on the same 2 x 256 views (the ceiling) and lightly's MoCo v2
-step with lightly's own per-image transforms (MoCoV2Transform, a DataLoader of up to 16 workers),
-when lightly is installed (`pip install -e ".[bench]"`; else the table says so). Each run is its
-own process, with a time limit (--part-limit).
+(a) Speed of every experiment preset (conf/experiment/*.yaml, listed when the script runs, so a new
+preset joins the table; `demo` is the CPU demo on digits, not a protocol preset, and is left out),
+in the lab protocol (ResNet-18 width 64, batch 256, bank 4096) on CIFAR-10-sized data (the dev
+subset's 10,000 training images repeated to 50,000): one `Trainer.fit` epoch of 50,000 images per
+preset with trainer=gpu's settings as a user gets them (bf16-mixed; the "auto" speed options:
+channels_last, views made on the GPU from the training set kept there; the table lists what they
+resolved to); CSV logging every 20 steps; callbacks=default; no progress bar. Per preset: training
+images/s over the epoch after its first `--warmup-steps` steps (cudnn's search), the ratio to
+moco_v2 in the same run, the share of the ceiling, the device synchronisations per step that
+`torch.cuda.set_sync_debug_mode("warn")` reports (steps that log apart from the others; n/a on a
+CPU) and the projected 200-epoch wall time with the kNN/linear monitors every 5 epochs (the
+monitors are timed once, after moco_v2's epoch: they encode the same images for every preset).
+The presets run one after the other in one process, each within an equal share of
+`--speed-minutes` (a preset that runs out of time is timed over the steps it made, and says so).
+Beside them: the backbone's forward+backward+SGD on the same 2 x 256 views (the ceiling) and
+lightly's MoCo v2 step with lightly's own per-image transforms (MoCoV2Transform, a DataLoader of up
+to 16 workers), when lightly is installed (`pip install -e ".[bench]"`; else the table says so).
 
 (b) Quality: moco_v2 and paper_cifar10 on the dev npz, full-width ResNet-18, 2 seeds each, the four
 jobs at once on the one GPU, as many epochs as fit in --quality-minutes (from the speed measured in
@@ -34,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import common as bench
@@ -46,6 +53,7 @@ from omegaconf import OmegaConf
 
 HERE = Path(__file__).resolve().parent
 EXPERIMENTS = {"moco_v2": "moco_v2", "paper": "paper_cifar10"}  # quality-table name -> preset
+NOT_TIMED = {"demo": "the CPU demo (digits, trainer=cpu), not a protocol preset"}
 GOALS = {"images/s": 11_500, "paper / MoCo v2": 1.05, "ours / lightly": 0.5}
 
 
@@ -95,13 +103,58 @@ def speed_overrides(gpu: bool) -> list[str]:
     return [] if gpu else ["data.batched_augment=true", "data.num_workers=0", "model.channels_last=true"]
 
 
-def ours(args, device: torch.device) -> dict:
-    """One run of an mcl preset through Trainer.fit, the CLI's code path."""
+def speed_presets() -> list[str]:
+    """Every preset of conf/experiment/ but the NOT_TIMED ones, moco_v2 first (the ratios' reference)."""
+    names = sorted(p.stem for p in (bench.CONF_DIR / "experiment").glob("*.yaml") if p.stem not in NOT_TIMED)
+    return sorted(names, key=lambda n: n != "moco_v2")
+
+
+class StepCounter(L.Callback):
+    """Per training step: whether it logs, and the synchronisations torch.cuda.set_sync_debug_mode("warn")
+    reports in it (CUDA only); the clock starts at the start of step `warmup` and stops at the epoch's end."""
+
+    def __init__(self, device: torch.device, warmup: int):
+        self.device, self.warmup = device, warmup
+        self.syncs: list[tuple[bool, int]] = []  # (logs, synchronisations) per counted step
+        self.start = self.seconds = None
+        self.steps = 0
+        self._caught = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == self.warmup:
+            bench.sync(self.device)
+            self.start = time.perf_counter()
+        self._logs = trainer._logger_connector.should_update_logs
+        if self.device.type == "cuda" and batch_idx >= self.warmup:
+            self._caught = warnings.catch_warnings(record=True)
+            self._records = self._caught.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx >= self.warmup:
+            self.steps += 1
+        if self._caught is not None:
+            torch.cuda.set_sync_debug_mode("default")
+            self._caught.__exit__(None, None, None)
+            self.syncs.append((self._logs, sum("synchroniz" in str(w.message) for w in self._records)))
+            self._caught = None
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self.start is not None and self.seconds is None:
+            bench.sync(self.device)
+            self.seconds = time.perf_counter() - self.start
+
+    on_train_end = on_train_epoch_end  # stopped by max_time before the epoch's end
+
+
+def one_preset(args, device: torch.device, preset: str, seconds: float, monitors: bool) -> dict:
+    """One training epoch of a preset through Trainer.fit, the CLI's code path (the monitors after it if asked)."""
     from mcl.train import build
 
     gpu = device.type == "cuda"
     overrides = [
-        f"experiment={args.experiment}",
+        f"experiment={preset}",
         "dataset=npz",
         f"dataset.path={args.npz}",
         f"trainer={'gpu' if gpu else 'cpu'}",
@@ -110,29 +163,53 @@ def ours(args, device: torch.device) -> dict:
         f"model.queue_size={args.bank}",
         *speed_overrides(gpu),
         f"model.compile={args.compile}",
-        f"trainer.max_epochs={args.epochs}",
-        f"trainer.check_val_every_n_epoch={args.epochs}",  # the monitors once, in the last epoch
+        "trainer.max_epochs=1",
+        "trainer.check_val_every_n_epoch=1",
+        f"+trainer.max_time=00:00:{int(seconds) // 60:02d}:{int(seconds) % 60:02d}",  # DD:HH:MM:SS
         "logger=csv",
         "callbacks=default",
         "+trainer.enable_progress_bar=false",
         "+trainer.enable_model_summary=false",
-        f"paths.output_dir={args.run_dir}",
+        f"paths.output_dir={Path(args.run_dir) / preset}",
         *args.extra,
+        *([] if monitors else ["trainer.limit_val_batches=0"]),
     ]
     cfg = bench.config(overrides)
     datamodule, model, trainer = build(cfg)  # resolves the "auto" speed settings into cfg
-    clock = EpochClock(device)
-    trainer.callbacks.append(clock)
+    counter, clock = StepCounter(device, args.warmup_steps), EpochClock(device)
+    trainer.callbacks.extend([counter, clock])
     start = time.perf_counter()
     trainer.fit(model, datamodule)
-    chosen = (f"{k}={OmegaConf.select(cfg, k)}" for k in ("trainer.precision", *SPEED_KEYS))
+    quiet, logging = ([n for logs, n in counter.syncs if logs == want] for want in (False, True))
     return {
-        "train": clock.train,
-        "val": clock.val,
+        "preset": preset,
+        "images": counter.steps * args.batch,
+        "seconds": counter.seconds,
+        "complete": counter.steps + args.warmup_steps >= trainer.num_training_batches,
+        "epoch_images": trainer.num_training_batches * args.batch,
+        "monitors": clock.val[0] if clock.val else None,
+        "syncs": statistics.mean(quiet) if quiet else None,
+        "syncs_logging": statistics.mean(logging) if logging else None,
         "fit": time.perf_counter() - start,
-        "images": trainer.num_training_batches * args.batch,
-        "settings": ", ".join(chosen),
+        "settings": ", ".join(f"{k}={OmegaConf.select(cfg, k)}" for k in ("trainer.precision", *SPEED_KEYS)),
     }
+
+
+def presets(args, device: torch.device) -> list[dict]:
+    """Every preset of --presets in turn, in this one process, each within its share of --speed-minutes."""
+    names, results = args.presets.split(","), []
+    deadline = time.perf_counter() + 60 * args.speed_minutes
+    for i, preset in enumerate(names):
+        share = (deadline - time.perf_counter()) / (len(names) - i)
+        if share < 5:
+            results.append({"preset": preset, "status": "not run: the speed budget (--speed-minutes) was spent"})
+            continue
+        try:
+            results.append(one_preset(args, device, preset, share - 3, monitors=i == 0))  # 3 s: building it
+        except Exception as err:  # one preset's failure is its row, not the table's end
+            results.append({"preset": preset, "status": f"failed: {type(err).__name__}: {' '.join(str(err).split())[:160]}"})
+        torch.cuda.empty_cache() if device.type == "cuda" else None
+    return results
 
 
 def lightly_moco(args, device: torch.device) -> dict:
@@ -142,7 +219,7 @@ def lightly_moco(args, device: torch.device) -> dict:
     from torchvision.transforms.v2.functional import to_pil_image
 
     cfg = bench.config(["experiment=moco_v2"])
-    proj = {k: cfg.model[k] for k in ("proj_hidden", "proj_out", "proj_layers")}
+    proj = {k: cfg.model[k] for k in ("proj_hidden", "proj_out", "proj_layers", "proj_last_bn", "proj_bn")}
     images = torch.from_numpy(np.load(args.npz)["x_train"]).permute(0, 3, 1, 2)  # N x 3 x 32 x 32 uint8
     transform = MoCoV2Transform(input_size=32, gaussian_blur=0.5)  # the lab's recipe: PIL's blur, p = 0.5, sigma in [0.1, 2]
 
@@ -189,14 +266,14 @@ def ceiling(args, device: torch.device) -> dict:
     return {"step": bench.interleaved({"ceiling": forward_backward}, args.steps, 2, device)["ceiling"]}
 
 
-CHILDREN = {"ours": ours, "lightly": lightly_moco, "ceiling": ceiling}
+CHILDREN = {"presets": presets, "lightly": lightly_moco, "ceiling": ceiling}
 
 
 def child(what: str, args, limit: float, extra: list[str] = ()) -> tuple[dict | None, str]:
     """Run one measurement in its own process; (result, status)."""
     cmd = [sys.executable, __file__, "--child", what, "--device", args.device, "--npz", str(args.speed_npz), *extra]
-    cmd += ["--width", str(args.width), "--batch", str(args.batch), "--bank", str(args.bank), "--epochs", str(args.epochs)]
-    cmd += ["--steps", str(args.steps)] + (["--compile"] if args.compile else [])
+    cmd += ["--width", str(args.width), "--batch", str(args.batch), "--bank", str(args.bank)]
+    cmd += ["--steps", str(args.steps), "--warmup-steps", str(args.warmup_steps)] + (["--compile"] if args.compile else [])
     cmd += (["--threads", str(args.threads)] if args.threads else []) + (["--tiny"] if args.tiny else [])
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=limit)
@@ -213,52 +290,66 @@ def hours(seconds: float) -> str:
 
 
 def speed(args) -> tuple[str, dict[str, float]]:
-    """Part (a): the speed table; returns it and each preset's training images/s (for part b)."""
-    rows, rates, status = [], {}, {}
-    runs = {}
-    for name, preset in EXPERIMENTS.items():
-        extra = ["--experiment", preset, "--run-dir", str(args.out / "speed" / name)]
-        runs[name], status[name] = child("ours", args, args.part_limit, extra)
-    runs["lightly"], status["lightly"] = child("lightly", args, args.part_limit) if args.lightly else (None, "lightly not installed")
-    top, status["ceiling"] = child("ceiling", args, args.part_limit)
+    """Part (a): the speed table; returns each preset's training images/s (for part b)."""
+    names = speed_presets()
+    extra = ["--presets", ",".join(names), "--speed-minutes", str(args.speed_minutes), "--run-dir", str(args.out / "speed")]
+    runs, status = child("presets", args, 60 * args.speed_minutes + 120, extra)  # the presets' budget, plus start-up
+    runs = runs or [{"preset": n, "status": status} for n in names]
+    lightly, status_lightly = child("lightly", args, args.part_limit) if args.lightly else (None, "lightly not installed")
+    top, status_ceiling = child("ceiling", args, args.part_limit)
     top_rate = args.batch / top["step"] if top else None
-    for name, run in runs.items():
-        label = {"moco_v2": "mcl MoCo v2 (experiment=moco_v2)", "paper": "mcl paper (experiment=paper_cifar10)"}.get(
-            name, "lightly MoCo v2"
-        )
-        if run is None or not run["train"]:
-            rows.append([label, status[name], "-", "-", "-", "-", "-"])
+    monitors = next((r["monitors"] for r in runs if r.get("monitors")), None)  # moco_v2's, the same work for every preset
+    gpu = args.device.startswith("cuda")
+    rows, rates = [], {}
+    for run in runs:
+        label = f"mcl experiment={run['preset']}"
+        if not run.get("seconds") or not run.get("images"):
+            rows.append([label, run.get("status", "no step timed"), "-", "-", "-", "-"])
             continue
-        epoch = statistics.median(run["train"][1:] or run["train"])  # the first epoch pays cudnn's search and compilation
-        monitor = statistics.median(run["val"]) if run["val"] else 0.0
-        per_epoch = epoch + monitor / args.val_every
-        rates[name] = run["images"] / epoch
-        share = "-" if top_rate is None else rates[name] / top_rate
-        monitors = monitor if run["val"] else "none"  # lightly's MoCo has no monitors
-        rows.append([label, rates[name], run["images"] / per_epoch, share, epoch, monitors, hours(200 * per_epoch)])
-    rows.append(["backbone forward+backward+SGD (ceiling)", top_rate or status["ceiling"], "-", 1.0 if top_rate else "-", "-", "-", "-"])
+        rates[run["preset"]] = rate = run["images"] / run["seconds"]
+        epoch = run["epoch_images"] / rate + (monitors or 0.0) / args.val_every
+        syncs = "n/a (CPU)" if not gpu else "-" if run["syncs"] is None else f"{run['syncs']:.1f}"
+        if gpu and run["syncs_logging"] is not None:
+            syncs += f" (logging steps {run['syncs_logging']:.1f})"
+        note = "" if run["complete"] else " (partial epoch: its time share ran out)"
+        rows.append([label + note, rate, "-", "-" if top_rate is None else rate / top_rate, syncs, hours(200 * epoch)])
+    reference = rates.get("moco_v2")
+    for row in rows:
+        preset = row[0].split("=", 1)[1].split(" ")[0]
+        if preset in rates and reference:
+            row[2] = rates[preset] / reference
+    if lightly is not None and lightly["train"]:
+        rate = lightly["images"] / statistics.median(lightly["train"][1:] or lightly["train"])
+        rows.append(
+            ["lightly MoCo v2", rate, rate / reference if reference else "-", "-" if top_rate is None else rate / top_rate, "-", "-"]
+        )
+    else:
+        rows.append(["lightly MoCo v2", status_lightly, "-", "-", "-", "-"])
+    rows.append(["backbone forward+backward+SGD (ceiling)", top_rate or status_ceiling, "-", 1.0 if top_rate else "-", "-", "-"])
     ratios = []
-    if "moco_v2" in rates and "paper" in rates:
-        ratios.append(f"paper / MoCo v2 wall time {rates['moco_v2'] / rates['paper']:.3f} (goal <= {GOALS['paper / MoCo v2']})")
-    if "moco_v2" in rates and "lightly" in rates:
-        ratios.append(f"ours / lightly's MoCo wall time {rates['lightly'] / rates['moco_v2']:.3f} (goal <= {GOALS['ours / lightly']})")
-    if "moco_v2" in rates:
-        met = "met" if rates["moco_v2"] >= GOALS["images/s"] else "not met"
-        ratios.append(f"MoCo v2 images/s {rates['moco_v2']:.0f} (goal >= {GOALS['images/s']:,}: {met})")
+    if reference and "paper_cifar10" in rates:
+        ratios.append(f"paper / MoCo v2 wall time {reference / rates['paper_cifar10']:.3f} (goal <= {GOALS['paper / MoCo v2']})")
+    if reference and lightly is not None and lightly["train"]:
+        ratios.append(f"ours / lightly's MoCo wall time {rows[-2][1] / reference:.3f} (goal <= {GOALS['ours / lightly']})")
+    if reference:
+        met = "met" if reference >= GOALS["images/s"] else "not met"
+        ratios.append(f"MoCo v2 images/s {reference:.0f} (goal >= {GOALS['images/s']:,}: {met})")
     device = torch.device(args.device)
     settings = {
         "machine": bench.machine(device),
         "data": f"{args.speed_images} training images ({args.source}), 32 x 32",
         "model": f"ResNet-18 width {args.width}, batch {args.batch}, bank {args.bank}, compile={args.compile}",
-        "settings": f"trainer={'gpu' if device.type == 'cuda' else 'cpu'}, csv logging every 20 steps, callbacks=default; "
-        + next((r["settings"] for r in runs.values() if r and "settings" in r), "-"),
-        "timing": f"mcl: {args.epochs} epochs per run, the monitors in the last; lightly: 2 epochs; epoch = median training "
-        f"epoch after the first; with monitors and 200 epochs: the monitors every {args.val_every} epochs",
-        "status": ", ".join(f"{k}: {v}" for k, v in status.items()),
+        "settings": f"trainer={'gpu' if gpu else 'cpu'}, csv logging every 20 steps, callbacks=default; "
+        + next((r["settings"] for r in runs if "settings" in r), "-"),
+        "timing": f"one epoch per preset, timed after its first {args.warmup_steps} steps, each preset within "
+        f"{args.speed_minutes} min / {len(names)}; lightly: 2 epochs, the second timed; 200 epochs: with the monitors "
+        f"({'-' if monitors is None else f'{monitors:.1f} s'}, after moco_v2's epoch) every {args.val_every} epochs",
+        "not timed": ", ".join(f"{k} ({v})" for k, v in NOT_TIMED.items()),
+        "status": f"presets: {status}, lightly: {status_lightly}, ceiling: {status_ceiling}",
         "ratios": "; ".join(ratios) or "-",
     }
-    headers = ["run", "train images/s", "images/s with monitors", "/ ceiling", "epoch s", "monitors s", "200 epochs"]
-    return bench.report("speed: one epoch end to end", settings, headers, rows, args.out, "speed"), rates
+    headers = ["run", "train images/s", "/ moco_v2", "/ ceiling", "syncs / step", "200 epochs"]
+    return bench.report("speed: one epoch end to end, every preset", settings, headers, rows, args.out, "speed"), rates
 
 
 def quality(args, rates: dict[str, float]) -> str:
@@ -268,7 +359,7 @@ def quality(args, rates: dict[str, float]) -> str:
     if args.quality_epochs:
         epochs = args.quality_epochs
     else:  # the jobs share the device: each runs at about 1/jobs of the slowest preset's rate, plus monitors and start-up
-        rate = min([rates[name] for name in EXPERIMENTS if name in rates] or [1000.0])
+        rate = min([rates[preset] for preset in EXPERIMENTS.values() if preset in rates] or [1000.0])
         epochs = max(1, int((60 * args.quality_minutes - 40) / (1.3 * jobs * images / rate)))
     gpu = args.device.startswith("cuda")
     procs = {}
@@ -332,25 +423,27 @@ def main() -> None:
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--bank", type=int, default=4096)
-    p.add_argument("--epochs", type=int, default=3, help="speed: epochs per mcl run (the first is warm-up; the monitors run in the last)")
+    p.add_argument("--warmup-steps", type=int, default=10, help="speed: steps of each preset's epoch before its clock starts")
+    p.add_argument("--speed-minutes", type=float, default=3.0, help="speed: the budget of all presets together")
     p.add_argument("--val-every", type=int, default=5, help="monitors every N epochs (the protocol's 5)")
     p.add_argument("--steps", type=int, default=20, help="ceiling: timed steps")
     p.add_argument("--speed-images", type=int, default=50_000)
     p.add_argument("--part-limit", type=float, default=100, help="seconds allowed to each speed run")
     p.add_argument("--compile", action="store_true", help="model.compile=true in the speed runs")
     p.add_argument("--seeds", type=int, nargs="+", default=[1339, 1340])
-    p.add_argument("--quality-minutes", type=float, default=4.5, help="training budget of the quality jobs (they run at once)")
+    p.add_argument("--quality-minutes", type=float, default=2.5, help="training budget of the quality jobs (they run at once)")
     p.add_argument("--quality-epochs", type=int, default=None, help="default: as many as fit in --quality-minutes")
     p.add_argument("--skip", choices=["speed", "quality"], default=None)
     p.add_argument("--child", choices=list(CHILDREN), help=argparse.SUPPRESS)
-    p.add_argument("--experiment", help=argparse.SUPPRESS)
+    p.add_argument("--presets", help=argparse.SUPPRESS)
     p.add_argument("--run-dir", help=argparse.SUPPRESS)
     args = p.parse_args()
     device = bench.setup(args)
     args.extra, args.quality_extra = [], []
     if args.tiny:  # a width-8 network, a few hundred images, one-minute budgets
-        args.width, args.batch, args.bank, args.epochs, args.steps = 8, 32, 128, 2, 2  # the bank: 4 steps of 32 keys
-        args.speed_images, args.quality_minutes, args.quality_epochs = 256, 2.0, 1
+        args.width, args.batch, args.bank, args.steps = 8, 32, 128, 2  # the bank: 4 steps of 32 keys
+        args.speed_images, args.quality_minutes, args.quality_epochs, args.warmup_steps = 256, 2.0, 1, 2
+        args.speed_minutes = max(args.speed_minutes, 0.75 * len(speed_presets()))  # a CPU: about 45 s a preset
         args.part_limit = max(args.part_limit, 300)
         args.extra = ["data.eval_batch_size=256", "optim.warmup_epochs=0", "trainer.limit_val_batches=2"]
         args.quality_extra = [*args.extra, "trainer.limit_train_batches=6", "trainer.log_every_n_steps=2"]  # mining from step 5

@@ -32,7 +32,7 @@ def weighted_infonce(
         return F.cross_entropy(weighted, logits.new_zeros(logits.shape[0], dtype=torch.long))
     if targets is None:
         targets = torch.zeros_like(logits)
-        targets[:, 0] = 1.0
+        targets[:, 0].fill_(1.0)  # a fill: setitem of a Python number would make a tensor of it
     if neg_log_mass is not None:
         positives = logits.masked_fill(targets <= 0, float("-inf"))  # B x (1+K)
         log_z = torch.logaddexp(torch.logsumexp(positives, dim=1), neg_log_mass)  # B

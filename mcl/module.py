@@ -303,9 +303,7 @@ class MCLModule(L.LightningModule):
         probe_loss = F.cross_entropy(self.linear_probe(features1.detach()), labels, ignore_index=-1)
         if not self.in_batch:
             self._pending = (k2.detach(), index, labels)  # one key an image: view 2's, as the lab enqueues the keys of q1 -> k2
-        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
-        if self._trainer is not None:
-            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        self.log("train/loss", loss, sync_dist=True)
         self.log("train/linear_loss", probe_loss, sync_dist=True)
         return loss + probe_loss
 

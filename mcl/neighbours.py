@@ -76,7 +76,8 @@ def nnclr_loss(
     target = owner[None, :] == torch.arange(b, device=p.device)[:, None]  # B x Bk
     if index is not None:
         logits = logits.masked_fill(own_image_candidates(index[1].flatten(), index[0], target), float("-inf"))
-    rows = -F.log_softmax(logits, dim=1)[target].view(b, k).sum(dim=1).mean()  # each query: its k neighbours
+    own = torch.diagonal(F.log_softmax(logits, dim=1).view(b, b, k), dim1=0, dim2=1)  # k x B: query i's log p of its own k neighbours
+    rows = -own.sum(dim=0).mean()  # each query: its k neighbours (a diagonal view, not a boolean mask: no nonzero)
     columns = F.cross_entropy(logits.T, owner)  # each neighbour: its own query among the B
     return 0.5 * (rows + columns)
 
@@ -113,11 +114,10 @@ def snclr_loss(
     candidates = torch.cat([keys[:, None], neighbours], dim=1)  # B x (1+k) x D: key j, then its neighbours
     logits = p @ candidates.flatten(0, 1).T / tau  # B x B(1+k)
     weight = snclr_weights(z, neighbours, threshold)  # B x k
-    target = torch.zeros(b, b, 1 + k, dtype=p.dtype, device=p.device)  # query i x key j x (key, neighbours)
-    eye = torch.eye(b, dtype=torch.bool, device=p.device)  # B x B
-    target[eye] = torch.cat([torch.ones_like(weight[:, :1]), weight], dim=1)  # diagonal blocks: [1 | w_i]
-    target = target.flatten(1)  # B x B(1+k)
+    blocks = torch.cat([torch.ones_like(weight[:, :1]), weight], dim=1)  # B x (1+k): [1 | w_i]
+    target = torch.diag_embed(blocks.T, dim1=0, dim2=1).flatten(1)  # B x B(1+k): [i, j, :] = [1 | w_i] if i == j else 0
     if index is not None:
+        eye = torch.eye(b, dtype=torch.bool, device=p.device)  # B x B
         own_block = eye[:, :, None].expand(b, b, 1 + k).flatten(1)  # B x B(1+k): query i's own key and neighbours
         candidate_index = torch.cat([index[0][:, None], index[1]], dim=1).flatten()  # B(1+k)
         logits = logits.masked_fill(own_image_candidates(candidate_index, index[0], own_block), float("-inf"))
@@ -134,7 +134,7 @@ def neighbour_diagnostics(weight: torch.Tensor, neighbour_labels: torch.Tensor, 
     kept = weight > 0  # B x k
     among = kept & (neighbour_labels >= 0) & (query_labels[:, None] >= 0)
     out = weight.new_zeros(2, len(NAMES))
-    out[:, NAMES.index("pos_kept")] = torch.stack([kept.sum().float(), weight.new_tensor(float(weight.shape[0]))])
+    out[:, NAMES.index("pos_kept")] = torch.stack([kept.sum().float(), weight.new_full((), weight.shape[0])])  # a fill, not a copy
     out[:, NAMES.index("pos_purity")] = torch.stack([((neighbour_labels == query_labels[:, None]) & among).sum(), among.sum()]).float()
     return out
 

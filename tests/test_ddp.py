@@ -54,6 +54,7 @@ class BankProbe(L.Callback):
             "lr": trainer.optimizers[0].param_groups[0]["initial_lr"],
             "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
             "world_size": trainer.world_size,
+            "not_broadcast": sorted(trainer.strategy.model.parameters_to_ignore),  # buffers DDP leaves out of its broadcasts
         }
         torch.save(out, Path(trainer.default_root_dir) / f"probe_rank{trainer.global_rank}.pt")
 
@@ -85,6 +86,9 @@ def test_ddp_bank_identical_disjoint_shards_scaled_lr_reduced_metrics(ddp_run):
             assert torch.equal(s0["bank"][name], s1["bank"][name]), name
     for name in ("keys", "indices", "labels", "ptr", "num_written"):
         assert torch.equal(r0["final_bank"][name], r1["final_bank"][name]), name
+
+    # ... by construction: DDP does not broadcast the bank (mcl.ddp), only the other buffers
+    assert r0["not_broadcast"] == r1["not_broadcast"] == ["bank.indices", "bank.keys", "bank.labels", "bank.num_written", "bank.ptr"]
 
     # each step enqueues one key an image (view 2's) of both ranks, in rank order: [rank 0 | rank 1]
     banks = [s["bank"] for s in r0["steps"]] + [r0["final_bank"]]

@@ -122,7 +122,8 @@ def test_moco_v2_step_equals_the_labs_moco(tmp_path, monkeypatch):
     theirs = {n.replace(".bn.", "."): g for n, g in theirs.items()}  # LabSplitBN wraps the BN's parameters
     assert ours.keys() == theirs.keys() and len(ours) > 40
     for name, grad in ours.items():
-        torch.testing.assert_close(grad, theirs[name], rtol=1e-4, atol=1e-6, msg=name)
+        # gradients up to ~0.3; float32 sums through a ResNet backward in another order differ by ~2e-6
+        torch.testing.assert_close(grad, theirs[name], rtol=1e-4, atol=5e-6, msg=name)
     # one key an image: view 2's B keys went in, at the pointer, and nothing else moved
     assert int(bank.ptr) == B and int(bank.num_written) == B
     assert bank.indices[:B].tolist() == index.tolist()
