@@ -428,6 +428,8 @@ METRIC_NAMES = {  # metric key -> words for tables, axes and legends; "%": a sha
     "val/knn_top5": "kNN top-5 (%)",
     "val/linear_top1": "online linear top-1 (%)",
     "eval/knn200_top1": "offline 200-NN top-1 (%)",
+    "val/knn_memory_size": "kNN monitor: train images voting",
+    "val/knn_queries": "kNN monitor: test images scored",
     "mining/pos_kept": "mined positives kept per query",
     "mining/pos_purity": "mined positives of the query's class (%)",
     "mining/neg_kept": "negatives kept per query",
@@ -453,9 +455,12 @@ def metric_name(metric: str) -> str:
     return metric.rsplit("/", 1)[-1].replace("_", " ")
 
 
+COUNTS = ("val/knn_memory_size", "val/knn_queries")  # numbers of things, as the metrics `... per query`
+
+
 def is_count(metric: str) -> bool:
-    """A number of things (per query), not a rate: kept out of the results tables, in a table of its own."""
-    return metric_name(metric).endswith("per query")
+    """A number of things, not a rate: kept out of the results tables, in a table of its own."""
+    return metric in COUNTS or metric_name(metric).endswith("per query")
 
 
 def shown(metric: str, value: float) -> float:

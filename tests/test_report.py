@@ -215,7 +215,10 @@ def test_report_prints_the_published_figure_and_says_the_budget_differs(tmp_path
     (run / "config_resolved.yaml").write_text(yaml.safe_dump({**config, "model": {"neighbours": {"topk": 5}}}))  # the lab's k=5 row
     report = write_report(tmp_path).read_text()
     section = report.split("## Published figures", 1)[1].split("\n## ", 1)[0]
-    assert "| experiment=moco_v2 | MoCo v2 | cifar10 | 88.05 | 33.00 ± 2.83 (online) | −55.05 | 89.70 | - | - | **budget differs**: 3 vs 200 epochs |" in section
+    assert (
+        "| experiment=moco_v2 | MoCo v2 | cifar10 | 88.05 | 33.00 ± 2.83 (online) | −55.05 | 89.70 | - | - | **budget differs**: 3 vs 200 epochs |"
+        in section
+    )
     assert "| experiment=nnclr | NNCLR (k=5) | cifar10 | 86.78 | 30.00 (online) | −56.78 |" in section
     assert "they do not say whether mcl reproduces the published figure" in section
     assert "lab: the authors' lab benchmark, pc-cp/Benchmark-Methods-For-MNN" in section and "(commit 80dd398)" in section
@@ -234,9 +237,15 @@ def test_offline_results_beside_the_checkpoint_reach_the_table_and_the_published
         (run / "checkpoints" / "last.linear-lab.json").write_text(json.dumps(linear))
     report = write_report(tmp_path).read_text()
     head = report.split("## Results\n\n", 1)[1].splitlines()[0]
-    assert head == "| group | runs | kNN top-1 (%) | offline 200-NN top-1 (%) | linear (lab) top-1, best test epoch (%) | linear (lab) top-1, final epoch (%) |"
+    assert (
+        head
+        == "| group | runs | kNN top-1 (%) | offline 200-NN top-1 (%) | linear (lab) top-1, best test epoch (%) | linear (lab) top-1, final epoch (%) |"
+    )
     assert "| all runs | 2/2 | 80.00 ± 0.00 | 88.10 ± 0.14 | 89.50 ± 0.71 | 88.50 ± 0.71 |" in report
-    assert "| all runs | MoCo v2 | cifar10 | 88.05 | 88.10 ± 0.14 | +0.05 | 89.70 | 89.50 ± 0.71 | −0.20 | 200 epochs, as published |" in report
+    assert (
+        "| all runs | MoCo v2 | cifar10 | 88.05 | 88.10 ± 0.14 | +0.05 | 89.70 | 89.50 ± 0.71 | −0.20 | 200 epochs, as published |"
+        in report
+    )
 
 
 # --- paired differences ------------------------------------------------------------------------------

@@ -10,8 +10,10 @@ reports as "Acc-1-Best": picked on the test split, so optimistic). Written to
 
 protocol.lr_search=true picks the lr first: each of protocol.lr_candidates trains
 protocol.lr_search_epochs epochs on frozen features of (1 - protocol.lr_search_holdout) of the
-labelled training split and is scored on the held-out rest (never the test split); the best
-held-out top-1 wins. A training loss that ends above chance level is a warning that says so.
+labelled training split and is scored on the held-out rest (never the test split); the lowest
+held-out cross-entropy wins. Should the full run at that lr still diverge (its training loss ends
+above ln(classes)), it is trained again at the next smaller candidate, the best of those by the
+held-out loss, until one does not. A training loss that ends above chance level is a warning that says so.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ def fit_classifier(
     lr: float | None = None,
     after_epoch: Callable[[nn.Linear, int], None] | None = None,
     warn: bool = True,
+    verbose: bool = True,
 ) -> tuple[nn.Linear, float]:
     """SGD (p's momentum, Nesterov, weight decay, milestones) at `lr` (default p.lr) on the lab's linear head;
     `backbone` (frozen, eval mode) turns image batches into features, None: batches are features.
@@ -72,6 +75,7 @@ def fit_classifier(
     `after_epoch(classifier, epoch)` runs after every epoch (epochs counted from 1). Returns the
     classifier and its last epoch's mean training loss. A loss that ends above ln(num_classes),
     the loss of a uniform guess, means the optimiser diverged: a warning says so (`warn`).
+    `verbose`: print the training loss ten times.
     """
     lr = p.lr if lr is None else lr
     classifier = lab_classifier(dim, num_classes).to(device)
@@ -92,7 +96,7 @@ def fit_classifier(
         schedule.step()
         if after_epoch is not None:
             after_epoch(classifier, epoch)
-        if warn and (epoch % max(1, p.epochs // 10) == 0 or epoch == p.epochs):
+        if verbose and (epoch % max(1, p.epochs // 10) == 0 or epoch == p.epochs):
             print(f"epoch {epoch}/{p.epochs}: train loss {total / count:.4f}")
     final = total / count
     if warn and probe_diverged(final, num_classes):
@@ -108,12 +112,14 @@ def fit_classifier(
 
 def search_lr(
     feats: torch.Tensor, labels: torch.Tensor, num_classes: int, p: DictConfig, device: torch.device, seed: int
-) -> tuple[float, dict[str, float]]:
-    """The lr of p.lr_candidates with the best top-1 on a held-out slice of the training features.
+) -> tuple[float, dict[str, dict[str, float]]]:
+    """The lr of p.lr_candidates with the lowest cross-entropy on a held-out slice of the training features.
 
     feats, labels: N x D, N of the labelled *training* split. A random p.lr_search_holdout share
-    is held out; each candidate trains p.lr_search_epochs epochs (constant lr) on the rest. Diverged
-    candidates lose to any that did not; ties go to the one listed first. Returns (lr, {lr: top-1}).
+    is held out; each candidate trains p.lr_search_epochs epochs (at most p.epochs; constant lr) on the rest. The
+    held-out loss, not the held-out top-1, decides: on a slice of a few dozen images several lrs
+    tie on top-1, and one that is about to diverge still guesses right with exploding logits,
+    which the loss shows. Ties go to the candidate listed first. Returns (lr, {lr: {loss, top1}}).
     """
     if not 0 < p.lr_search_holdout < 1 or not p.lr_candidates or min(p.lr_candidates) <= 0 or p.lr_search_epochs < 1:
         raise EvalError(
@@ -126,20 +132,32 @@ def search_lr(
         raise EvalError(f"protocol.lr_search_holdout={p.lr_search_holdout} leaves no training image out of {len(labels)}")
     fit_idx, held_idx = order[held:], order[:held]
     loader = DataLoader(TensorDataset(feats[fit_idx], labels[fit_idx]), batch_size=p.batch_size, shuffle=True)
-    short = OmegaConf.merge(p, {"epochs": p.lr_search_epochs, "milestones": []})
-    scores: dict[str, float] = {}
-    ranked = []
-    for i, lr in enumerate(p.lr_candidates):
-        classifier, loss = fit_classifier(loader, None, feats.shape[1], num_classes, short, device, lr=lr, warn=False)
+    short = OmegaConf.merge(p, {"epochs": min(p.lr_search_epochs, p.epochs), "milestones": []})  # a short protocol: no longer than it
+    scores: dict[str, dict[str, float]] = {}
+    for lr in p.lr_candidates:
+        classifier, _ = fit_classifier(loader, None, feats.shape[1], num_classes, short, device, lr=lr, warn=False, verbose=False)
         with torch.no_grad():
-            acc = topk_accuracy(classifier(feats[held_idx].to(device)).cpu(), labels[held_idx])  # held-out top-1
-        scores[f"{lr:g}"] = acc
-        ranked.append((not probe_diverged(loss, num_classes), acc, -i, lr))
-    best = max(ranked)[-1]
+            logits = classifier(feats[held_idx].to(device)).cpu()  # H x C
+        loss = F.cross_entropy(logits, labels[held_idx]).item()
+        scores[f"{lr:g}"] = {"loss": loss if math.isfinite(loss) else math.inf, "top1": topk_accuracy(logits, labels[held_idx])}
+    best = min(p.lr_candidates, key=lambda lr: scores[f"{lr:g}"]["loss"])  # min keeps the first of equals
     print(
-        "lr search (held-out top-1 on the training split): " + ", ".join(f"lr={k} {v:.4f}" for k, v in scores.items()) + f" -> lr={best:g}"
+        "lr search (held-out loss / top-1 on the training split): "
+        + ", ".join(f"lr={k} {v['loss']:.3g} / {v['top1']:.3f}" for k, v in scores.items())
+        + f" -> lr={best:g}"
     )
     return float(best), scores
+
+
+def lr_order(candidates: list[float], scores: dict[str, dict[str, float]]) -> list[float]:
+    """The lrs to train with, in turn while the full run diverges: the search's best, then each smaller
+    candidate by its held-out loss."""
+    ranked = sorted(candidates, key=lambda lr: scores[f"{lr:g}"]["loss"])
+    order = [ranked[0]]
+    for lr in ranked[1:]:
+        if lr < order[-1] and lr not in order:
+            order.append(lr)
+    return order
 
 
 def linear_settings(cfg: DictConfig) -> dict[str, Any]:
@@ -166,9 +184,10 @@ def linear_eval(cfg: DictConfig) -> dict[str, Any]:
     plain_feats = None
     if not p.augment or p.lr_search:
         plain_feats = labelled(*extract_features(backbone, plain_train, device))  # N x D, N
-    lr, lr_scores = p.lr, None
+    lrs, lr_scores = [p.lr], None
     if p.lr_search:
-        lr, lr_scores = search_lr(*plain_feats, num_classes, p, device, cfg.seed)
+        _, lr_scores = search_lr(*plain_feats, num_classes, p, device, cfg.seed)
+        lrs = lr_order(list(p.lr_candidates), lr_scores)
     if p.augment:
         d = datamodule.dataset_cfg
         view = transforms.weak_view(d["image_size"], d["mean"], d["std"], crop_scale=tuple(p.crop_scale), flip_prob=p.flip_prob)
@@ -189,7 +208,15 @@ def linear_eval(cfg: DictConfig) -> dict[str, Any]:
         epochs.append({"epoch": epoch, "top1": topk_accuracy(logits, test_labels), "top5": topk_accuracy(logits, test_labels, 5)})
 
     loader = DataLoader(train_set, batch_size=p.batch_size, shuffle=True, num_workers=cfg.num_workers if p.augment else 0)
-    _, final_loss = fit_classifier(loader, extractor, module.backbone.out_dim, num_classes, p, device, lr=lr, after_epoch=test)
+    for i, lr in enumerate(lrs):  # with the search: a full run that diverges is rerun at the next smaller candidate
+        epochs.clear()
+        last = i == len(lrs) - 1
+        _, final_loss = fit_classifier(
+            loader, extractor, module.backbone.out_dim, num_classes, p, device, lr=lr, after_epoch=test, warn=last
+        )
+        if not probe_diverged(final_loss, num_classes) or last:
+            break
+        print(f"linear probe: the training loss ended at {final_loss:.4g} > ln({num_classes}) at lr={lr:g}: again at lr={lrs[i + 1]:g}")
     final, best = epochs[-1], max(epochs, key=lambda e: e["top1"])  # best: the first epoch reaching the highest top-1
     result = {
         "ckpt_path": str(cfg.ckpt_path),
@@ -198,7 +225,8 @@ def linear_eval(cfg: DictConfig) -> dict[str, Any]:
         "epochs": p.epochs,
         "settings": linear_settings(cfg),  # the whole protocol, seed, dataset fields; a rerun writes a new file beside this one
         "lr": lr,
-        "lr_search": lr_scores,  # held-out top-1 per candidate lr (None: no search)
+        "lrs_tried": lrs[: lrs.index(lr) + 1],
+        "lr_search": lr_scores,  # held-out loss and top-1 per candidate lr (None: no search)
         "train_images": len(train_set),
         "test_images": len(test_labels),
         "top1": final["top1"],  # the final epoch's, as the two fields below

@@ -46,7 +46,7 @@ def evaluate_runs(cfg: DictConfig) -> list[dict[str, Any]]:
             why = f"left out: {job.status}" if job.status != "completed" else f"left out: no {cfg.checkpoint}"
             rows += [{"job": job.name, "what": what, "status": why, "json": None} for what in wanted]
             continue
-        job_cfg = OmegaConf.merge(cfg, {"ckpt_path": str(ckpt)})
+        job_cfg = OmegaConf.create({**OmegaConf.to_container(cfg, resolve=True), "ckpt_path": str(ckpt)})
         for what in wanted:
             is_knn = what == "knn"
             done = find_result(ckpt, what, knn_settings(job_cfg) if is_knn else linear_settings(job_cfg))
