@@ -34,6 +34,7 @@ import json
 import math
 import os
 import sys
+import textwrap
 import traceback
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -859,46 +860,49 @@ MARKERS = "osD^vPX*"  # a group keeps its colour C<i> and marker in every plot
 
 def _titled(fig: Figure, what: str, setting: Setting) -> Figure:
     """A title of words (dataset, budget, what varies; or the user's), and below it what is drawn."""
-    fig.suptitle(f"{setting.words}\n{what}", fontsize="medium")
+    width = int(fig.get_figwidth() * 12)  # characters of a medium-size line that fit the figure
+    fig.suptitle("\n".join(textwrap.fill(line, width) for line in (setting.words, what)), fontsize="medium")
     return fig
 
 
 def plot_accuracy(groups: list[Group], setting: Setting, metrics: list[str] | None = None) -> Figure | None:
-    """Final accuracy per group, one panel per metric: the mean (marker) ± one std (bar), a dot per run.
+    """Final accuracy per group, one panel per metric: the mean (marker) ± one std (bar), beside it a dot
+    per run, the runs of one seed joined by a thin line (what the paired differences compare).
 
     The axis spans the values drawn (not from 0), so a gap of a point shows."""
     groups = [g for g in groups if g.completed]
     metrics = [m for m in (metrics or accuracy_metrics(groups)) if any(m in j.final for g in groups for j in g.completed)]
     if not metrics:
         return None
-    fig = Figure(figsize=(max(4.5, 0.9 * len(groups) + 1.5) * len(metrics), 4.6), layout="constrained")
+    fig = Figure(figsize=(max(6.5, (0.9 * len(groups) + 1.5) * len(metrics)), 4.6), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(metrics), squeeze=False)).ravel()
-    rng = np.random.default_rng(0)  # the dots' spread, the same in every report
     for ax, metric in zip(axes, metrics):
-        drawn = []
+        drawn, by_seed = [], defaultdict(list)  # seed -> [(x, value)] across groups
         for i, g in enumerate(groups):
-            seeds = [shown(metric, j.final[metric]) for j in g.completed if metric in j.final]
-            if not seeds:
+            runs = [(j.seed, shown(metric, j.final[metric])) for j in g.completed if metric in j.final]
+            if not runs:
                 continue
             mean, std, _ = g.stats(metric)
             mean, std = shown(metric, mean), 0.0 if math.isnan(std) else shown(metric, std)
             ax.errorbar([i], [mean], yerr=[std], fmt=MARKERS[i % len(MARKERS)], color=f"C{i}", markersize=8, capsize=5, zorder=2)
-            ax.scatter(i + rng.uniform(-0.15, 0.15, len(seeds)), seeds, color="black", s=12, zorder=3, alpha=0.7)
-            drawn += [*seeds, mean - std, mean + std]
+            ax.scatter([i + 0.22] * len(runs), [v for _, v in runs], color="black", s=12, zorder=3, alpha=0.7)
+            for seed, v in runs:
+                if seed is not None:
+                    by_seed[seed].append((i + 0.22, v))
+            drawn += [v for _, v in runs] + [mean - std, mean + std]
+        for points in by_seed.values():
+            if len(points) > 1:
+                ax.plot(*zip(*points), color="grey", linewidth=0.6, alpha=0.5, zorder=1)
         lo, hi = min(drawn), max(drawn)
         pad = max(0.15 * (hi - lo), 0.5)
         ax.set_ylim(lo - pad, hi + pad)
         ax.set_xlim(-0.6, len(groups) - 0.4)
-        ax.set_xticks(
-            np.arange(len(groups)),
-            [g.label for g in groups],
-            rotation=20 if len(groups) > 2 else 0,
-            ha="right" if len(groups) > 2 else "center",
-        )
+        many = len(groups) > 2
+        ax.set_xticks(np.arange(len(groups)), [g.label for g in groups], rotation=20 if many else 0, ha="right" if many else "center")
         ax.set_title(metric_name(metric), fontsize="medium")
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel("top-1 accuracy (%)")
-    return _titled(fig, "Final accuracy: mean ± std over seeds, a dot per run", setting)
+    return _titled(fig, "Final accuracy: mean ± std over seeds; a dot per run, one seed's runs joined", setting)
 
 
 def _plot_history(ax, groups: list[Group], metric: str) -> bool:
@@ -947,7 +951,7 @@ def plot_history(groups: list[Group], setting: Setting, metric: str = "val/knn_t
     ax = fig.subplots()
     if not _plot_history(ax, groups, metric):
         return None
-    _legend(fig, [ax], groups, "outside right upper")
+    _legend(fig, [ax], groups, "outside center right")
     return _titled(fig, f"{metric_name(metric)} per epoch: mean ± std over seeds", setting)
 
 
@@ -964,6 +968,11 @@ def plot_diagnostics(groups: list[Group], setting: Setting) -> Figure | None:
         _plot_history(ax, groups, name)
         ax.set_title(metric_name(name), fontsize="medium")
         ax.set_ylabel("")
+    lo, hi = min(ax.get_xlim()[0] for ax in axes[: len(names)]), max(ax.get_xlim()[1] for ax in axes[: len(names)])
+    ticks = sorted({t for ax in axes[: len(names)] for t in ax.get_xticks() if lo <= t <= hi})
+    for ax in axes[: len(names)]:  # one epoch axis for every panel, also those a metric logged only late
+        ax.set_xlim(lo, hi)
+        ax.set_xticks(ticks)
     for ax in axes[len(names) :]:
         ax.set_axis_off()
     _legend(fig, list(axes), groups, "outside lower center")
