@@ -237,10 +237,12 @@ def read_evaluations(run_dir: Path, checkpoint: str = EVAL_CHECKPOINT) -> dict[s
             cell = next((r for r in result.get("grid", []) if r["k"] == 200 and math.isclose(r["t"], 0.1)), None)
             if cell is not None:
                 out["eval/knn200_top1"] = cell["top1"]
-        elif "final" in result and "best" in result:
+        else:
             protocol = what[len("linear-") :]
-            out[f"eval/linear_{protocol}_top1"] = result["final"]["top1"]
-            out[f"eval/linear_{protocol}_best_top1"] = result["best"]["top1"]
+            if "top1" in result:  # the final epoch's (results written before the best epoch was kept have only this)
+                out[f"eval/linear_{protocol}_top1"] = result["top1"]
+            if "best" in result:
+                out[f"eval/linear_{protocol}_best_top1"] = result["best"]["top1"]
     return out
 
 
@@ -646,21 +648,67 @@ def choose_baseline(groups: list[Group], baseline: str | None = None) -> Group:
     return next((g for g in groups if "moco_v2" in g.values.values()), groups[0])
 
 
+def _baseline_key(chosen: Group, baseline: str | None) -> str | None:
+    """The override key whose value made `chosen` the baseline (`experiment` for moco_v2), None for a label or the first group."""
+    wanted = "moco_v2" if baseline is None else baseline.rpartition("=")[2]
+    for k, v in chosen.values.items():
+        if v == wanted and (baseline is None or baseline in (v, f"{k}={v}")):
+            return k
+    return None
+
+
+def paired_rows(groups: list[Group], metrics: list[str], baseline: str | None = None) -> list[dict[str, Any]]:
+    """Each group's paired difference (paired_difference) to its baseline, per metric.
+
+    Where the baseline is a value of one swept key (`experiment=moco_v2`), a group is paired with the
+    group that has that value and the group's own other values (a sweep over presets x datasets pairs
+    on each dataset); groups with the baseline value are the baselines. Else every group is paired
+    with the one baseline group."""
+    chosen = choose_baseline(groups, baseline)
+    key = _baseline_key(chosen, baseline)
+    rows = []
+    for g in groups:
+        if key is None:
+            base = chosen if g is not chosen else None
+        else:
+            wanted = {**g.values, key: chosen.values[key]}
+            base = next((b for b in groups if b.values == wanted), None) if g.values[key] != chosen.values[key] else None
+        if base is None:
+            continue
+        rows += [{"group": g.label, "baseline": base.label, "metric": m, **paired_difference(g, base, m)} for m in metrics]
+    return rows
+
+
 def _signed(x: float) -> str:
     return f"{x:+.2f}".replace("-", "−")
 
 
-def paired_lines(groups: list[Group], baseline: Group, metrics: list[str]) -> list[str]:
+def paired_lines(groups: list[Group], metrics: list[str], baseline: str | None = None) -> list[str]:
+    chosen = choose_baseline(groups, baseline)
+    key = _baseline_key(chosen, baseline)
+    by_group = defaultdict(dict)
+    for r in paired_rows(groups, metrics, baseline):
+        by_group[r["group"]][r["metric"]] = r
+    strata = key is not None and len(chosen.values) > 1  # one baseline per value of the other keys
+    to = f"{short_keys(list(chosen.values))[key]}={chosen.values[key]}" if strata else chosen.label
+    lines = [
+        f"## Paired differences to {to}",
+        "",
+        f"Per seed both ran: variant minus {to}"
+        + (" (the group with the variant's other values)" if strata else "")
+        + ", in points; mean over those seeds with a 95 % t interval. Within noise: the interval holds 0.",
+        "",
+    ]
     keys = list(groups[0].values)
     named = any(g.name for g in groups)
     head = [*(["variant"] if named else []), *keys, *(f"{metric_name(m)}: difference [95 % CI]" for m in metrics)]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in groups:
-        if g is baseline:
+        if g.label not in by_group:
             continue
         cells = _group_cells(g, keys, named)
         for m in metrics:
-            d = paired_difference(g, baseline, m)
+            d = by_group[g.label][m]
             if d["n"] == 0:
                 cells.append("no shared seed")
             elif d["n"] == 1:
@@ -669,7 +717,7 @@ def paired_lines(groups: list[Group], baseline: Group, metrics: list[str]) -> li
                 noise = ", within noise" if d["within_noise"] else ""
                 cells.append(f"{_signed(d['mean'])} [{_signed(d['low'])}, {_signed(d['high'])}] ({plural(d['n'], 'seed')}{noise})")
         lines.append("| " + " | ".join(cells) + " |")
-    return lines
+    return [*lines, ""]
 
 
 def _fmt(x: float | None) -> str:
@@ -795,16 +843,7 @@ def markdown(
     lines += published_lines(groups)
     acc = accuracy_metrics(groups, metrics)
     if len(groups) > 1 and acc:
-        base = choose_baseline(groups, baseline)
-        lines += [
-            f"## Paired differences to {base.label}",
-            "",
-            f"Per seed both ran: variant minus {base.label}, in points; mean over those seeds with a 95 % t interval. "
-            "Within noise: the interval holds 0.",
-            "",
-            *paired_lines(groups, base, acc),
-            "",
-        ]
+        lines += paired_lines(groups, acc, baseline)
     if diagnostics:
         lines += ["## Mining diagnostics (final epoch)", "", *_table(groups, diagnostics), ""]
     if counts:
@@ -1021,15 +1060,7 @@ def write_report(
             plots.append(f"{name}.png")
     (out / "report.md").write_text(markdown(", ".join(map(str, dirs)), jobs, groups, plots, average_over, metrics, baseline, setting))
     acc = accuracy_metrics(groups, metrics)
-    paired = []
-    if len(groups) > 1 and acc:
-        base = choose_baseline(groups, baseline)
-        paired = [
-            {"group": g.label, "baseline": base.label, "metric": m, **paired_difference(g, base, m)}
-            for g in groups
-            if g is not base
-            for m in acc
-        ]
+    paired = paired_rows(groups, acc, baseline) if len(groups) > 1 and acc else []
     report = {
         "dirs": [str(d) for d in dirs],
         "setting": {k: v for k, v in vars(setting).items()} | {"average_over": list(average_over)},

@@ -19,6 +19,7 @@ from mcl.report import (
     load_runs,
     main,
     paired_difference,
+    paired_rows,
     published,
     setting_of,
     t_quantile,
@@ -233,7 +234,7 @@ def test_offline_results_beside_the_checkpoint_reach_the_table_and_the_published
         grid = [{"k": 200, "t": 0.1, "top1": knn, "top5": 0.99}, {"k": 20, "t": 0.1, "top1": 0.95, "top5": 0.99}]
         (run / "checkpoints" / "last.knn.json").write_text(json.dumps({"grid": grid}))
         (run / "checkpoints" / "last.knn.2.json").write_text(json.dumps({"grid": [{**grid[0], "top1": knn + 0.001}]}))  # newer
-        linear = {"final": {"epoch": 100, "top1": lin - 0.01, "top5": 1.0}, "best": {"epoch": 90, "top1": lin, "top5": 1.0}}
+        linear = {"top1": lin - 0.01, "final": {"epoch": 100, "top1": lin - 0.01}, "best": {"epoch": 90, "top1": lin, "top5": 1.0}}
         (run / "checkpoints" / "last.linear-lab.json").write_text(json.dumps(linear))
     report = write_report(tmp_path).read_text()
     head = report.split("## Results\n\n", 1)[1].splitlines()[0]
@@ -287,3 +288,19 @@ def test_paired_difference_and_its_interval_equal_a_hand_computed_one(tmp_path):
     with pytest.raises(ValueError, match="names no group"):
         choose_baseline(groups, "dino")
     assert choose_baseline(groups, "snclr").label == "experiment=snclr"
+
+
+def test_a_sweep_over_presets_and_datasets_pairs_each_variant_with_moco_v2_on_its_own_dataset(tmp_path):
+    for dataset, shift in (("cifar10", 0.0), ("cifar100", -0.3)):
+        for seed in (1, 2):
+            for preset, gain in (("moco_v2", 0.0), ("paper_cifar10", 0.01 * seed)):
+                overrides = [f"experiment={preset}", f"dataset={dataset}", f"seed={seed}"]
+                fake_run(tmp_path / f"{dataset}-{preset}-{seed}", overrides, [0.5 + shift + gain + 0.02 * seed], dataset=dataset)
+    rows = paired_rows(group_jobs(load_runs(tmp_path)), ["val/knn_top1"])
+    assert [(r["group"], r["baseline"]) for r in rows] == [
+        ("experiment=paper_cifar10, dataset=cifar10", "experiment=moco_v2, dataset=cifar10"),
+        ("experiment=paper_cifar10, dataset=cifar100", "experiment=moco_v2, dataset=cifar100"),
+    ]
+    assert [r["mean"] for r in rows] == pytest.approx([1.5, 1.5])  # gains 1 and 2 points, never across datasets
+    report = write_report(tmp_path).read_text()
+    assert "## Paired differences to experiment=moco_v2\n" in report and "(the group with the variant's other values)" in report
