@@ -772,7 +772,8 @@ def published_lines(groups: list[Group]) -> list[str]:
     for name in sorted({r["source"] for r in rows}):
         source = table["sources"][name]
         commit = f" (commit {source['commit']})" if source.get("commit") else ""
-        lines.append(f"- {name}: {source['what']}{commit}; {source['epochs']} epochs. {source['note'][0].upper()}{source['note'][1:]}.")
+        epochs = f"{source['epochs']} epochs" + (" (assumed: not stated)" if source.get("epochs_assumed") else "")
+        lines.append(f"- {name}: {source['what']}{commit}; {epochs}. {source['note'][0].upper()}{source['note'][1:]}.")
     lines += [
         "- ours: offline 200-NN (mcl.eval) where the runs have it, else the online kNN monitor (online); linear: protocol=lab, best test epoch.",
         "",
