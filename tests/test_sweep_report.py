@@ -209,3 +209,18 @@ def test_a_sweep_evaluated_in_one_command_reaches_the_report_and_resumes(tmp_pat
     )
     assert other.returncode == 0 and other.stdout.count(" done") == 2  # other settings: a new result beside the first
     assert all((sweep / job / "checkpoints" / "last.linear-fast.2.json").is_file() for job in ("0", "1"))
+
+
+def test_a_sweep_evaluation_of_nothing_is_one_clear_error(tmp_path):
+    from omegaconf import OmegaConf
+
+    from mcl.eval.common import EvalError
+    from mcl.eval.sweep import evaluate_runs
+
+    for dirs, message in (([str(tmp_path / "nowhere")], "is not a directory"), ([], "dirs is empty"), ([str(tmp_path)], "holds no jobs")):
+        with pytest.raises(EvalError, match=message):
+            evaluate_runs(OmegaConf.create({"dirs": dirs}))
+    result = subprocess.run(
+        [sys.executable, "-m", "mcl.eval.sweep", f"dirs=[{tmp_path / 'nowhere'}]"], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert result.returncode == 2 and "mcl.eval.sweep: " in result.stderr and "Traceback" not in result.stderr

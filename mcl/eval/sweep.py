@@ -67,7 +67,11 @@ def evaluate_runs(cfg: DictConfig) -> list[dict[str, Any]]:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="sweep")
 def main(cfg: DictConfig) -> None:
-    rows = evaluate_runs(cfg)
+    try:
+        rows = evaluate_runs(cfg)
+    except EvalError as err:  # nothing to evaluate (a wrong dir, an empty list): one line, no traceback
+        print(f"mcl.eval.sweep: {err}", file=sys.stderr)
+        sys.exit(2)
     width = max(len(r["job"]) for r in rows)
     print(f"\n{'job':<{width}}  {'evaluation':<12} status")
     for r in rows:
