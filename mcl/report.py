@@ -113,6 +113,7 @@ class Job:
     max_epochs: int | None = None
     seed: int | None = None
     preset: str | None = None  # the published figures' key: the experiment preset (nnclr_k5: nnclr with topk 5)
+    width: int | None = None  # backbone.width
     evaluated: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -177,10 +178,11 @@ class RunSetting:
     max_epochs: int | None = None
     seed: int | None = None
     preset: str | None = None
+    width: int | None = None  # backbone.width: 64 is the published ResNets'
 
 
 def run_setting(run_dir: Path) -> RunSetting:
-    """Dataset name, trainer.max_epochs, seed and preset of a run, from the config it saved (resolved first).
+    """Dataset name, trainer.max_epochs, seed, preset and backbone width of a run, from the config it saved (resolved first).
 
     The preset is the experiment Hydra composed (`.hydra/hydra.yaml`), `nnclr_k5` for nnclr with
     model.neighbours.topk=5 (the lab's two NNCLR rows)."""
@@ -189,14 +191,15 @@ def run_setting(run_dir: Path) -> RunSetting:
         path = run_dir / name
         if path.is_file():
             cfg = OmegaConf.load(path)
-            dataset, epochs, seed, topk = (
+            dataset, epochs, seed, topk, width = (
                 OmegaConf.select(cfg, key, throw_on_resolution_failure=False)
-                for key in ("dataset.name", "trainer.max_epochs", "seed", "model.neighbours.topk")
+                for key in ("dataset.name", "trainer.max_epochs", "seed", "model.neighbours.topk", "backbone.width")
             )
             setting = RunSetting(
                 str(dataset) if dataset is not None else None,
                 int(epochs) if isinstance(epochs, int) else None,
                 int(seed) if isinstance(seed, int) else None,
+                width=int(width) if isinstance(width, int) else None,
             )
             break
     else:
@@ -262,6 +265,7 @@ def _read_job(run_dir: Path, name: str, num: int | None) -> Job:
         max_epochs=setting.max_epochs,
         seed=setting.seed,
         preset=setting.preset,
+        width=setting.width,
         evaluated=read_evaluations(run_dir),
     )
 
@@ -557,8 +561,8 @@ def published_rows(groups: list[Group]) -> list[dict[str, Any]]:
 
     200-NN: ours is the offline 200-NN (mcl.eval) where the runs have it, else the online kNN
     monitor (k=200, t=0.1 by default). Linear: ours is the lab protocol's best test epoch (as the
-    lab reports it). budget_differs: our epochs are not the published budget (then the difference
-    measures the budget, it is no reproduction).
+    lab reports it). budget_differs: our epochs or backbone width are not the published ones (then
+    the difference measures the smaller budget, it is no reproduction); `differs` says which.
     """
     table = published()
     rows = []
@@ -585,7 +589,16 @@ def published_rows(groups: list[Group]) -> list[dict[str, Any]]:
             pub = figures_.get(what)
             row[what] = {"published": pub, "ours_metric": metric, "ours_mean": mean, "ours_std": std, "n": n}
             row[what]["difference"] = mean - pub if pub is not None and n else math.nan
-        row |= {"epochs": epochs, "published_epochs": source["epochs"], "budget_differs": epochs != [source["epochs"]]}
+        widths = sorted({j.width for j in g.completed if j.width is not None})
+        differs = [f"{'/'.join(map(str, epochs))} vs {source['epochs']} epochs"] if epochs != [source["epochs"]] else []
+        differs += [f"width {'/'.join(map(str, widths))} vs {source['width']}"] if widths and widths != [source["width"]] else []
+        row |= {
+            "epochs": epochs,
+            "published_epochs": source["epochs"],
+            "widths": widths,
+            "budget_differs": bool(differs),
+            "differs": differs,
+        }
         rows.append(row)
     return rows
 
@@ -754,9 +767,7 @@ def published_lines(groups: list[Group]) -> list[str]:
         )
         ours_lin = f"{_fmt(lin['ours_mean'])}" + ("" if lin["n"] < 2 else f" ± {_fmt(lin['ours_std'])}")
         epochs = "/".join(map(str, r["epochs"])) or "?"
-        budget = (
-            f"**budget differs**: {epochs} vs {r['published_epochs']} epochs" if r["budget_differs"] else f"{epochs} epochs, as published"
-        )
+        budget = f"**budget differs**: {', '.join(r['differs'])}" if r["budget_differs"] else f"{epochs} epochs, as published"
         diff = lambda x: "-" if math.isnan(x) else _signed(x)  # noqa: E731
         lines.append(
             f"| {r['group']} | {r['published_as']} | {r['dataset']} | {_fmt(k['published'])} | {ours_knn} | {diff(k['difference'])} | "

@@ -214,6 +214,8 @@ def test_report_prints_the_published_figure_and_says_the_budget_differs(tmp_path
     run = fake_run(tmp_path / "nn", ["experiment=nnclr", "dataset=cifar10", "seed=1339"], [0.2, 0.25, 0.30], dataset="cifar10")
     config = yaml.safe_load((run / "config_resolved.yaml").read_text())
     (run / "config_resolved.yaml").write_text(yaml.safe_dump({**config, "model": {"neighbours": {"topk": 5}}}))  # the lab's k=5 row
+    config = yaml.safe_load((tmp_path / "m1339" / "config_resolved.yaml").read_text())
+    (tmp_path / "m1339" / "config_resolved.yaml").write_text(yaml.safe_dump({**config, "backbone": {"width": 64}}))
     report = write_report(tmp_path).read_text()
     section = report.split("## Published figures", 1)[1].split("\n## ", 1)[0]
     assert (
@@ -221,6 +223,12 @@ def test_report_prints_the_published_figure_and_says_the_budget_differs(tmp_path
         in section
     )
     assert "| experiment=nnclr | NNCLR (k=5) | cifar10 | 86.78 | 30.00 (online) | −56.78 |" in section
+    # 200 epochs of a width-8 network is no reproduction either
+    long = fake_run(tmp_path / "long", ["experiment=moco_v2", "dataset=cifar10", "seed=1"], [0.5] * 200, dataset="cifar10")
+    (long / "config_resolved.yaml").write_text(
+        yaml.safe_dump({**yaml.safe_load((long / "config_resolved.yaml").read_text()), "backbone": {"width": 8}})
+    )
+    assert "**budget differs**: width 8 vs 64 |" in write_report(long).read_text()
     assert "they do not say whether mcl reproduces the published figure" in section
     assert "lab: the authors' lab benchmark, pc-cp/Benchmark-Methods-For-MNN" in section and "(commit 80dd398)" in section
     rows = json.loads((tmp_path / "report.json").read_text())["published"]
