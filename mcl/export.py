@@ -18,7 +18,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from mcl.eval.common import EvalError
+from mcl.eval.common import EvalError, module_from_checkpoint
 from mcl.module import MCLModule
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf" / "eval")
@@ -66,7 +66,7 @@ def export(cfg: DictConfig) -> Path:
     ckpt = Path(cfg.ckpt_path)
     if not ckpt.is_file():
         raise EvalError(f"ckpt_path={ckpt} is not a file (a .ckpt written by python -m mcl.train)")
-    module = MCLModule.load_from_checkpoint(ckpt, map_location="cpu")
+    module = module_from_checkpoint(ckpt)
     state = backbone_state_dict(module, cfg.encoder)
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -161,7 +161,7 @@ def mining_panel(
 
 
 class MiningPanel(L.Callback):
-    """Every `every_n_epochs` training epochs: the panel as `<dirpath>/epoch<NNN>.png`, and as the W&B image `mining/panel`.
+    """Every `every_n_epochs` training epochs: the panel as `<dirpath>/epoch<NNN>.png` (NNN: epochs trained, from 1), and as the W&B image `mining/panel`.
 
     num_queries: fixed test images (chosen once with `seed`); num_positives / num_negatives:
     columns per group. Drawn on global rank 0 only.
@@ -181,10 +181,10 @@ class MiningPanel(L.Callback):
             return
         datamodule = trainer.datamodule
         indices = query_indices(len(datamodule.test_images), self.num_queries, self.seed)
-        title = f"epoch {epoch}, step {trainer.global_step}"
+        title = f"epoch {epoch + 1}, step {trainer.global_step}"  # epochs trained, counted from 1 as in the report's plots
         fig = mining_panel(pl_module, datamodule, indices, self.num_positives, self.num_negatives, title)
         self.dirpath.mkdir(parents=True, exist_ok=True)
-        path = self.dirpath / f"epoch{epoch:03d}.png"
+        path = self.dirpath / f"epoch{epoch + 1:03d}.png"
         fig.savefig(path, dpi=100)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):

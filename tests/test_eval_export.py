@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from mcl.eval.common import EvalError, load_checkpoint, write_result
 from mcl.eval.linear import CONF_DIR as EVAL_CONF_DIR
-from mcl.eval.linear import ProbeDivergedWarning, fit_classifier, linear_eval, probe_diverged
+from mcl.eval.linear import ProbeDivergedWarning, fit_classifier, lab_classifier, linear_eval, lr_order, probe_diverged, search_lr
 from mcl.export import backbone_state_dict, export, torchvision_recipe
 from mcl.models import WidthResNet
 from mcl.train import train
@@ -96,11 +96,94 @@ def test_knn_cli_beats_chance_and_writes_json_beside_the_checkpoint(checkpoint, 
     ("protocol", "extra"),
     [("fast", []), ("lab", ["protocol.epochs=3", "protocol.milestones=[2]", "protocol.lr=0.5"])],  # lab: augmented images, few epochs
 )
-def test_linear_evaluation_beats_chance(checkpoint, protocol, extra):
+def test_linear_evaluation_beats_chance_and_keeps_the_best_and_the_final_epoch(checkpoint, protocol, extra, capsys):
     result = linear_eval(eval_cfg("linear", [f"ckpt_path={checkpoint}", f"protocol={protocol}", "num_workers=0", *extra]))
     assert result["protocol"] == protocol and result["train_images"] == 256 and result["test_images"] == 64
-    assert result["top1"] > CHANCE + 0.5
-    assert json.loads(checkpoint.with_name(f"last.linear-{protocol}.json").read_text())["top1"] == result["top1"]
+    written = json.loads(Path(result["json"]).read_text())
+    epochs = written["per_epoch"]
+    assert [e["epoch"] for e in epochs] == list(range(1, result["epochs"] + 1))  # tested after every epoch, counted from 1
+    assert written["final"] == epochs[-1] and written["top1"] == epochs[-1]["top1"]  # `top1`: the final epoch's
+    best = max(epochs, key=lambda e: e["top1"])
+    assert (written["best"]["epoch"], written["best"]["top1"]) == (best["epoch"], best["top1"]) and "Acc-1-Best" in written["best"]["note"]
+    assert written["best"]["top1"] >= written["final"]["top1"] > CHANCE + 0.5
+
+
+def test_the_classifier_starts_as_the_labs(capsys):
+    """N(0, 0.01) weights and a zero bias (the lab's LinearHead), also inside fit_classifier (lr 0 leaves the init)."""
+    torch.manual_seed(0)
+    head = lab_classifier(2048, 100)
+    assert abs(head.weight.std().item() - 0.01) < 2e-4 and abs(head.weight.mean().item()) < 2e-4 and not head.bias.any()
+    protocol = eval_cfg("linear", ["ckpt_path=x", "protocol=fast", "protocol.epochs=1", "protocol.milestones=[]"]).protocol
+    loader = DataLoader(TensorDataset(torch.randn(16, 8), torch.arange(16) % 4), batch_size=8)
+    torch.manual_seed(1)
+    fitted, _ = fit_classifier(loader, None, 8, 4, protocol, torch.device("cpu"), lr=0.0, warn=False)
+    torch.manual_seed(1)
+    expected = lab_classifier(8, 4)
+    assert torch.equal(fitted.weight, expected.weight) and torch.equal(fitted.bias, torch.zeros(4))
+    default = torch.nn.Linear(8, 4)  # what the probe used before: uniform(-1/sqrt(8), 1/sqrt(8)), std ~0.2
+    assert default.weight.std() > 5 * fitted.weight.std()
+
+
+def test_the_lr_search_uses_a_held_out_slice_of_the_training_split_and_lands_on_a_working_lr(checkpoint, monkeypatch):
+    """protocol.epochs=3 at lr 30 diverged on a small network; with protocol.lr_search=true one run lands on a working lr."""
+    import mcl.eval.linear as linear
+
+    seen = {}
+    real = linear.search_lr
+
+    def spy(feats, labels, *args, **kwargs):
+        seen["n"], seen["labels"] = len(labels), labels.clone()
+        return real(feats, labels, *args, **kwargs)
+
+    monkeypatch.setattr(linear, "search_lr", spy)
+    overrides = [f"ckpt_path={checkpoint}", "protocol=fast", "num_workers=0", "protocol.epochs=3", "protocol.lr_search=true"]
+    result = linear_eval(eval_cfg("linear", overrides))
+    train_labels = torch.from_numpy(np.load(checkpoint.parents[2] / "tiny.npz")["y_train"])
+    assert seen["n"] == 256 and torch.equal(seen["labels"], train_labels)  # the training split only, never the 64 test images
+    assert set(result["lr_search"]) == {"30", "10", "3", "1", "0.3", "0.1", "0.03", "0.01"} and result["lr"] in (
+        30,
+        10,
+        3,
+        1,
+        0.3,
+        0.1,
+        0.03,
+        0.01,
+    )
+    assert not result["diverged"] and result["final"]["top1"] > CHANCE + 0.5 and result["lrs_tried"][-1] == result["lr"]
+    # features a large lr cannot fit: the search picks a small one
+    torch.manual_seed(0)
+    y = torch.arange(400) % 4
+    feats = 200 * (torch.randn(400, 16) + 2 * torch.nn.functional.one_hot(y, 16).float())  # separable, huge scale
+    p = eval_cfg("linear", ["ckpt_path=x", "protocol=fast", "protocol.lr_candidates=[30,0.0001]", "protocol.lr_search_epochs=5"]).protocol
+    lr, scores = search_lr(feats, y, 4, p, torch.device("cpu"), seed=0)
+    assert lr == 0.0001 and scores["0.0001"]["loss"] < scores["30"]["loss"]
+    scores = {f"{lr:g}": {"loss": loss} for lr, loss in ((30, 0.1), (10, 0.5), (3, 0.05), (1, 0.2), (0.1, 0.3))}
+    assert lr_order([30, 10, 3, 1, 0.1], scores) == [3, 1, 0.1]  # a diverging full run goes on at smaller lrs only, best first
+    with pytest.raises(EvalError, match="lr_search_holdout"):
+        search_lr(feats, y, 4, eval_cfg("linear", ["ckpt_path=x", "protocol.lr_search_holdout=1.5"]).protocol, torch.device("cpu"), 0)
+
+
+def test_a_checkpoint_trained_with_compile_loads_without_compiling(checkpoint, tmp_path, monkeypatch):
+    saved = torch.load(checkpoint, weights_only=True)
+    saved["hyper_parameters"]["model"]["compile"] = True  # as model.compile=true leaves it
+    compiled = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    compiled.parent.mkdir(parents=True)
+    torch.save(saved, compiled)
+    shutil.copy(checkpoint.parent.parent / "config_resolved.yaml", compiled.parent.parent / "config_resolved.yaml")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("compiled")
+
+    monkeypatch.setattr(torch.nn.Module, "compile", refuse)
+    from mcl.module import MCLModule
+
+    with pytest.raises(AssertionError, match="compiled"):  # building the module as the checkpoint says would compile
+        MCLModule.load_from_checkpoint(compiled, map_location="cpu")
+    module, _ = load_checkpoint(compiled)  # mcl.eval.knn / linear
+    assert module.hparams.model["compile"] is False
+    export(eval_cfg("export", [f"ckpt_path={compiled}", f"out={tmp_path / 'b.pt'}"]))  # mcl.export
+    assert (tmp_path / "b.pt").is_file()
 
 
 def test_lab_protocol_is_the_default_preset():
@@ -164,7 +247,7 @@ def test_probe_divergence_is_a_warning_and_a_sane_probe_is_not():
     noise = torch.randint(0, 4, (64,))  # labels a linear layer cannot fit: the loss stays up
     loader = DataLoader(TensorDataset(torch.randn(64, 8) * 50, noise), batch_size=16, shuffle=True)  # large features, lr 30
     protocol = eval_cfg("linear", ["ckpt_path=x", "protocol=fast", "protocol.epochs=5", "protocol.milestones=[]"]).protocol
-    with pytest.warns(ProbeDivergedWarning, match=r"ended at .*above ln\(4\) = 1.39.*protocol.lr=30.*protocol.lr=1"):
+    with pytest.warns(ProbeDivergedWarning, match=r"ended at .*above ln\(4\) = 1.39.*lr=30 .*protocol.lr_search=true"):
         _, loss = fit_classifier(loader, None, 8, 4, protocol, torch.device("cpu"))
     assert probe_diverged(loss, 4)
     protocol.lr = 0.01

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -162,3 +165,62 @@ def test_multirun_with_ddp_spawn_runs_each_job_once_on_two_processes(tmp_path):
         assert final_knn(sweep / job)
         assert yaml.safe_load((sweep / job / "config_resolved.yaml").read_text())["trainer"]["devices"] == 2
     assert not (tmp_path / "multirun").exists() and not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.slow
+def test_a_sweep_evaluated_in_one_command_reaches_the_report_and_resumes(tmp_path):
+    """python -m mcl.eval.sweep over a real 2-job sweep: both jobs' kNN and linear results beside their
+    last.ckpt, the report's table shows them as mean ± std, and a second call evaluates nothing again."""
+    sweep = tmp_path / "sweep"
+    args = ["-m", *MICRO, "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "seed=0,1"]
+    result = run_cli([*args, f"hydra.sweep.dir={sweep}"], cwd=tmp_path, env=ONE_THREAD)
+    assert result.returncode == 0, result.stderr[-3000:]
+    evaluate = [sys.executable, "-m", "mcl.eval.sweep", f"dirs=[{sweep}]", "k=[20,200]", "t=[0.1]", "protocol=fast", "protocol.epochs=2"]
+    evaluate += ["protocol.lr_search=true", "num_workers=0", "device=cpu"]  # lr 30 diverges on a width-8 network
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run(evaluate, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    finals = {}
+    for job in ("0", "1"):
+        ckpt_dir = sweep / job / "checkpoints"
+        knn = json.loads((ckpt_dir / "last.knn.json").read_text())
+        linear = json.loads((ckpt_dir / "last.linear-fast.json").read_text())
+        assert [(r["k"], r["t"]) for r in knn["grid"]] == [(20, 0.1), (200, 0.1)] and linear["epochs"] == 2
+        finals[job] = (next(r["top1"] for r in knn["grid"] if r["k"] == 200), linear["best"]["top1"], linear["final"]["top1"])
+    assert first.stdout.count(" done") == 4 and "4/4 evaluations have results" in first.stdout
+
+    markdown = write_report(sweep).read_text()
+    head = markdown.split("## Results\n", 1)[1].split("\n")[1]
+    assert head.startswith("| group | runs | kNN top-1 (%) |")
+    assert "offline 200-NN top-1 (%) | linear (fast) top-1, best test epoch (%) | linear (fast) top-1, final epoch (%) |" in head
+    assert "memory" not in head and "queries" not in head  # counts: a table of their own
+    assert "| kNN monitor: train images voting | kNN monitor: test images scored |" in markdown.split("## Counts", 1)[1]
+    row = table_rows(markdown, "Results")[0]
+    assert len(row) == 8
+    for cell, values in zip(row[-3:], zip(*finals.values())):
+        assert cell == f"{100 * np.mean(values):.2f} ± {100 * np.std(values, ddof=1):.2f}"  # both jobs' results, mean ± std
+    mtimes = {p: p.stat().st_mtime_ns for p in sweep.rglob("last.*.json")}
+
+    again = subprocess.run(evaluate, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and again.stdout.count(" skipped") == 4 and " done" not in again.stdout  # resume: nothing redone
+    assert {p: p.stat().st_mtime_ns for p in sweep.rglob("last.*.json")} == mtimes
+    other = subprocess.run(
+        [*evaluate, "knn=false", "protocol.epochs=3"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert other.returncode == 0 and other.stdout.count(" done") == 2  # other settings: a new result beside the first
+    assert all((sweep / job / "checkpoints" / "last.linear-fast.2.json").is_file() for job in ("0", "1"))
+
+
+def test_a_sweep_evaluation_of_nothing_is_one_clear_error(tmp_path):
+    from omegaconf import OmegaConf
+
+    from mcl.eval.common import EvalError
+    from mcl.eval.sweep import evaluate_runs
+
+    for dirs, message in (([str(tmp_path / "nowhere")], "is not a directory"), ([], "dirs is empty"), ([str(tmp_path)], "holds no jobs")):
+        with pytest.raises(EvalError, match=message):
+            evaluate_runs(OmegaConf.create({"dirs": dirs}))
+    result = subprocess.run(
+        [sys.executable, "-m", "mcl.eval.sweep", f"dirs=[{tmp_path / 'nowhere'}]"], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert result.returncode == 2 and "mcl.eval.sweep: " in result.stderr and "Traceback" not in result.stderr

@@ -92,6 +92,6 @@ def test_wandb_offline_sweep_has_config_metrics_and_panel_per_job(tmp_path):
             assert key in records, key
         media = list((runs[0] / "files" / "media" / "images" / "mining").glob("panel_*.png"))
         assert len(media) == 1 and media[0].read_bytes()[:4] == b"\x89PNG"
-        # every 2 epochs: after epoch 1 (the second), not after epoch 0; the same PNG in the run dir
-        assert sorted(p.name for p in (sweep / job / "panels").iterdir()) == ["epoch001.png"]
+        # every 2 epochs: after the second epoch (epochs counted from 1, as in the report), not after the first; the same PNG in the run dir
+        assert sorted(p.name for p in (sweep / job / "panels").iterdir()) == ["epoch002.png"]
     assert len(run_ids) == 2

@@ -59,8 +59,16 @@ def load_checkpoint(ckpt_path: str | Path, run_config: str | None = None) -> tup
     if not ckpt_path.is_file():
         raise EvalError(f"ckpt_path={ckpt_path} is not a file (a .ckpt written by python -m mcl.train)")
     cfg = OmegaConf.load(find_run_config(ckpt_path, run_config))
-    module = MCLModule.load_from_checkpoint(ckpt_path, map_location="cpu")
+    module = module_from_checkpoint(ckpt_path)
     return module.eval(), cfg
+
+
+def module_from_checkpoint(ckpt_path: str | Path) -> MCLModule:
+    """The module of a checkpoint, on the CPU, built uncompiled whatever its run's model.compile said:
+    evaluation and export run the network a few times, where compiling would cost more than it saves."""
+    hparams = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters", {})
+    model = {**hparams["model"], "compile": False} if "model" in hparams else None
+    return MCLModule.load_from_checkpoint(ckpt_path, map_location="cpu", **({"model": model} if model else {}))
 
 
 def datamodule_for(run_cfg: DictConfig, dataset: dict[str, Any] | None = None, **data: Any) -> ContrastiveDataModule:
@@ -101,3 +109,25 @@ def write_result(ckpt_path: str | Path, name: str, result: dict[str, Any]) -> Pa
             return path
         except FileExistsError:
             continue
+
+
+def result_paths(ckpt_path: str | Path, name: str) -> list[Path]:
+    """The results `write_result(ckpt_path, name, ...)` wrote, oldest first: `<stem>.<name>.json`, `.2.json`, ..."""
+    ckpt_path = Path(ckpt_path)
+    paths = []
+    for n in itertools.count(1):
+        path = ckpt_path.with_name(f"{ckpt_path.stem}.{name}{'' if n == 1 else f'.{n}'}.json")
+        if not path.is_file():
+            return paths
+        paths.append(path)
+
+
+def find_result(ckpt_path: str | Path, name: str, settings: dict[str, Any]) -> Path | None:
+    """The newest result of `name` beside the checkpoint written with exactly these `settings`, or None."""
+    for path in reversed(result_paths(ckpt_path, name)):
+        try:
+            if json.loads(path.read_text()).get("settings") == settings:
+                return path
+        except json.JSONDecodeError:
+            continue  # a result cut short (the evaluation was killed while writing): evaluate again
+    return None

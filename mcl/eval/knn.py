@@ -12,12 +12,17 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from mcl.eval.common import EvalError, datamodule_for, device_of, extract_features, labelled, load_checkpoint, write_result
 from mcl.monitors import knn_predict, topk_accuracy
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf" / "eval")
+
+
+def knn_settings(cfg: DictConfig) -> dict[str, Any]:
+    """The knobs a kNN result depends on: the grid and the dataset fields replaced."""
+    return {"k": list(cfg.k), "t": list(cfg.t), "dataset": OmegaConf.to_container(cfg.dataset, resolve=True)}
 
 
 def knn_grid(cfg: DictConfig) -> dict[str, Any]:
@@ -38,6 +43,7 @@ def knn_grid(cfg: DictConfig) -> dict[str, Any]:
     result = {
         "ckpt_path": str(cfg.ckpt_path),
         "dataset": datamodule.dataset_cfg["name"],
+        "settings": knn_settings(cfg),  # what a rerun with other settings differs in (mcl.eval.sweep skips a match)
         "train_images": len(memory),
         "test_images": len(query),
         "grid": grid,
