@@ -2,7 +2,7 @@
 
 - OmegaConf resolvers used by conf/:
   `${mcl.run_dir:TASK,OVERRIDES}`, `${mcl.sweep_dir:TASK,OVERRIDES,STAMP}`: the run and sweep dir names (conf/hydra/default.yaml);
-  `${mcl.run_name:TASK}`: the W&B run name (conf/logger/wandb.yaml);
+  `${mcl.run_name:TASK}`, `${mcl.run_group:TASK}`, `${mcl.run_tags:}`: the W&B run's name, group and tags (conf/logger/wandb.yaml);
   `${mcl.workers:N}`: N loader workers, at most one per CPU this process may use (conf/eval/).
 - Two Lightning messages that never apply to an mcl run are dropped, each by its exact text:
   the "💡 Tip" adverts for Lightning's cloud services, and the CSV logger's "Previous log files
@@ -57,15 +57,69 @@ def task_overrides() -> list[str]:
         return []
 
 
-def run_name(task_name: str, overrides: list[str] | None = None) -> str:
-    """W&B run name: the run dir name and the overrides that tell runs apart
-    (`paper_cifar10_digits seed=1 mining.negative=all`), at most 128 characters."""
+def run_name(task_name: str, overrides: list[str] | None = None, sweep: str | None = None) -> str:
+    """W&B run name: the run dir name and the overrides that tell runs apart (`paper_cifar10_digits seed=1
+    mining.negative=all`; in a sweep, the ones it varies), at most 128 characters."""
     overrides = task_overrides() if overrides is None else overrides
     name = run_dir_name(task_name, overrides)
+    sweep = sweep_dir() if sweep is None else sweep
+    if sweep:
+        overrides = sweep_job_overrides(overrides, sweep)
     said = {"dataset"} if name != task_name else set()
     kept = [o.lstrip("+") for o in overrides if _key_value(o)[0].split(".")[0] not in (*NAME_SKIPS, *said)]
     full = " ".join([name, *kept])
     return full if len(full) <= MAX_NAME else full[: MAX_NAME - 3] + "..."
+
+
+def sweep_dir() -> str | None:
+    """The running job's sweep dir (hydra.sweep.dir) when it is a job of a multirun; None for a single run or outside Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    try:
+        hydra_cfg = HydraConfig.get()
+    except ValueError:  # HydraConfig was not set
+        return None
+    return str(hydra_cfg.sweep.dir) if hydra_cfg.mode == RunMode.MULTIRUN else None
+
+
+def swept_keys(sweep: str) -> set[str] | None:
+    """The keys a sweep varies (`seed=1,2 mining.negative=all,gradient` -> seed, mining.negative; with the
+    sweeper's params of conf/sweep/), read from the multirun.yaml its launcher wrote; None when there is none."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    path = os.path.join(sweep, "multirun.yaml")
+    if not os.path.isfile(path):
+        return None
+    cfg = OmegaConf.load(path)
+    params = dict(OmegaConf.select(cfg, "hydra.sweeper.params") or {})
+    parsed = OverridesParser.create().parse_overrides([*(f"{k}={v}" for k, v in params.items()), *OmegaConf.select(cfg, "hydra.overrides.task")])
+    return {o.get_key_element().lstrip("+~") for o in parsed if o.is_sweep_override()}
+
+
+def sweep_job_overrides(overrides: list[str], sweep: str) -> list[str]:
+    """The overrides of a sweep's job that its sweep varies (all of them when the sweep's keys are unknown)."""
+    keys = swept_keys(sweep)
+    return overrides if keys is None else [o for o in overrides if _key_value(o)[0] in keys]
+
+
+def run_group(task_name: str, overrides: list[str] | None = None, sweep: str | None = None) -> str | None:
+    """W&B group of a sweep's job: its run name without the seed (`train_digits mining.negative=all`), so a
+    dashboard grouped by it shows each variant's mean and spread over seeds; None for a single run."""
+    sweep = sweep_dir() if sweep is None else sweep
+    if not sweep:
+        return None
+    overrides = task_overrides() if overrides is None else overrides
+    return run_name(task_name, [o for o in overrides if _key_value(o)[0] not in ("seed", "data.seed")], sweep)
+
+
+def run_tags(sweep: str | None = None) -> list[str]:
+    """W&B tags of a sweep's job: the sweep's dir as `<task>/<date_time>` (its last two parts; W&B takes at most
+    64 characters a tag), which tells two sweeps of the same variants apart; [] for a single run."""
+    sweep = sweep_dir() if sweep is None else sweep
+    if not sweep:
+        return []
+    return ["/".join(os.path.normpath(sweep).split(os.sep)[-2:])[-64:]]
 
 
 def available_cpus() -> int:
@@ -90,6 +144,8 @@ def register() -> None:
         "mcl.sweep_dir", lambda task, overrides, stamp: sweep_dir_name(task, list(overrides or []), stamp), replace=True
     )
     OmegaConf.register_new_resolver("mcl.run_name", lambda task: run_name(task), replace=True)
+    OmegaConf.register_new_resolver("mcl.run_group", lambda task: run_group(task), replace=True)
+    OmegaConf.register_new_resolver("mcl.run_tags", lambda: run_tags(), replace=True)
     OmegaConf.register_new_resolver("mcl.workers", workers, replace=True)
     warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty\. Previous log files")
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):

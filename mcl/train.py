@@ -196,14 +196,21 @@ def check_knob_overrides(args: list[str]) -> None:
 
 
 def wandb_offline_unless_logged_in(cfg: DictConfig) -> None:
-    """W&B never prompts: without an API key it runs offline (sync later with `wandb sync`)."""
-    if "wandb" not in (cfg.get("logger") or {}) or os.environ.get("WANDB_MODE") or cfg.logger.wandb.mode:
+    """W&B never prompts. logger.wandb.mode null: the WANDB_MODE the user set, else online with an API key
+    (WANDB_API_KEY or `wandb login`) and offline without one (upload later with `wandb sync`). Decided for every
+    job and passed to the logger itself: W&B reads its environment once a process, so a sweep's later jobs would
+    not see a variable set for the first."""
+    if "wandb" not in (cfg.get("logger") or {}) or cfg.logger.wandb.mode:
+        return
+    if os.environ.get("WANDB_MODE"):
+        cfg.logger.wandb.mode = os.environ["WANDB_MODE"]
         return
     import wandb
 
-    if not (os.environ.get("WANDB_API_KEY") or wandb.login(prompt=False, verify=False)):
+    if os.environ.get("WANDB_API_KEY") or wandb.login(prompt=False, verify=False):
+        cfg.logger.wandb.mode = "online"
+    else:
         print("mcl: no W&B API key configured; logging offline to the run directory (upload with `wandb sync`).")
-        os.environ["WANDB_MODE"] = "offline"  # DDP workers inherit it
         cfg.logger.wandb.mode = "offline"
 
 
