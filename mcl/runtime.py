@@ -93,7 +93,9 @@ def swept_keys(sweep: str) -> set[str] | None:
         return None
     cfg = OmegaConf.load(path)
     params = dict(OmegaConf.select(cfg, "hydra.sweeper.params") or {})
-    parsed = OverridesParser.create().parse_overrides([*(f"{k}={v}" for k, v in params.items()), *OmegaConf.select(cfg, "hydra.overrides.task")])
+    parsed = OverridesParser.create().parse_overrides(
+        [*(f"{k}={v}" for k, v in params.items()), *OmegaConf.select(cfg, "hydra.overrides.task")]
+    )
     return {o.get_key_element().lstrip("+~") for o in parsed if o.is_sweep_override()}
 
 
