@@ -21,7 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 from mcl.data.datamodule import ContrastiveDataModule
 from mcl.eval.common import EvalError, find_run_config
 from mcl.module import MCLModule
+from mcl.records import training_started
 from mcl.reliability import RunConfig, resume_checkpoint
+from mcl.runtime import task_overrides
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -301,9 +303,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Pre-train; returns the summary (also printed): output dir, final monitors and what scored them, checkpoints."""
     datamodule, model, trainer = build(cfg)
     out = Path(cfg.paths.output_dir)
-    if trainer.is_global_zero:
-        out.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, out / "config_resolved.yaml", resolve=True)
+    if trainer.is_global_zero:  # config_resolved.yaml (an earlier run's records in this dir kept: mcl.records)
+        training_started(out, cfg, task_overrides())
     for logger in trainer.loggers:  # the whole resolved config (W&B run config, hparams.yaml), not only the module's arguments
         logger.log_hyperparams(plain(cfg))
     summary: dict[str, Any] = {"output_dir": str(out)}
@@ -376,7 +377,7 @@ def print_summary(summary: dict[str, Any]) -> None:
 
 def resume_in_run_dir(args: list[str]) -> list[str]:
     """The Hydra overrides that make `ckpt_path=X` continue in X's run dir (the folder of the
-    config_resolved.yaml beside X or one level up), recording this command in .hydra/resumed/; none
+    config_resolved.yaml beside X or one level up); none
     when the command names its own run dir (hydra.run.dir= or paths.output_dir=), is a multirun,
     or X has no run dir."""
     given = dict(a.lstrip("+").split("=", 1) for a in args if "=" in a and not a.startswith("-"))
@@ -387,7 +388,9 @@ def resume_in_run_dir(args: list[str]) -> list[str]:
         run_dir = find_run_config(Path(ckpt)).parent.resolve()
     except EvalError:
         return []
-    return [f"hydra.run.dir='{run_dir}'", "hydra.output_subdir=.hydra/resumed"]  # the run's own .hydra/ (read by mcl.report) stays
+    # Hydra writes no .hydra/ files for it: the run's own (read by mcl.report) stay, and one that is refused writes nothing;
+    # one that starts records its overrides in .hydra/resumed/<k>/ (mcl.records.training_started)
+    return [f"hydra.run.dir='{run_dir}'", "hydra.output_subdir=null"]
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")

@@ -19,7 +19,7 @@ from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator
 from omegaconf import OmegaConf
 from test_sweep_report import SMALL, final_knn, table_rows
 
-from mcl.report import JobStatusFile
+from mcl.records import JobStatusFile
 from mcl.report import main as report_main
 from mcl.train import CONF_DIR, ConfigError, check_accelerator, check_config, train
 
