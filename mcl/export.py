@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from mcl.eval.common import EvalError
 from mcl.module import MCLModule
+from mcl.reliability import read_checkpoint
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf" / "eval")
 
@@ -66,6 +67,7 @@ def export(cfg: DictConfig) -> Path:
     ckpt = Path(cfg.ckpt_path)
     if not ckpt.is_file():
         raise EvalError(f"ckpt_path={ckpt} is not a file (a .ckpt written by python -m mcl.train)")
+    read_checkpoint(ckpt)  # a truncated or foreign file: the CheckpointError training gives
     module = MCLModule.load_from_checkpoint(ckpt, map_location="cpu")
     state = backbone_state_dict(module, cfg.encoder)
     out = Path(cfg.out)
@@ -82,4 +84,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from mcl.runtime import run_cli
+
+    run_cli(main)  # a user's mistake: one message, no traceback

@@ -3,7 +3,9 @@ conf/hydra/default.yaml) and `config_resolved.yaml` (written by mcl.train when t
 
 A run that does not start writes nothing into a run dir that already holds a run: a refused resume
 (`ckpt_path=` with other settings, an unreadable checkpoint) leaves every file as it was, so mcl.report
-reads the finished run as before. A resume that starts keeps what was there: job.json's record of the
+reads the finished run as before; a single run (not a sweep's job) that fails before training leaves
+no run dir (its error is printed; a sweep's failed job keeps its dir and job.json for mcl.report).
+A resume that starts keeps what was there: job.json's record of the
 earlier part moves into its `earlier` list (oldest first), and the config_resolved.yaml it replaces is
 kept as `.hydra/resumed/<k>/previous_config_resolved.yaml`, beside that resume's `overrides.yaml`
 (k = 1, 2, ...: the resumes in order).
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import traceback
 from datetime import datetime
@@ -28,6 +31,8 @@ RUN_CONFIG = "config_resolved.yaml"
 RESUMED = Path(".hydra") / "resumed"
 _waiting: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}  # run dir -> (its record, this job's), for a resume not yet training
 _resumed: dict[str, list[dict[str, Any]]] = {}  # run dir -> the earlier records of a resume that started
+_training: set[str] = set()  # run dirs whose training started in this process
+HYDRA_ONLY = {".hydra", STATUS_FILE}  # what a run dir holds when its run failed before training
 
 
 def holds_a_run(run_dir: Path) -> bool:
@@ -95,13 +100,32 @@ class JobStatusFile(Callback):
         out = Path(config.hydra.runtime.output_dir)
         if not is_rank_zero() or _waiting.pop(str(out), None) is not None:
             return  # a resume that never started training: the run dir keeps its records
+        started = str(out) in _training
+        _training.discard(str(out))
+        if job_return.status == JobStatus.FAILED and config.hydra.job.get("num") is None and not started:
+            remove_unused_run_dir(out)
+            return
         self._write(out, config, _resumed.pop(str(out), []), **fields)
+
+
+def remove_unused_run_dir(out: Path) -> None:
+    """Remove the run dir of a run that failed before training (only Hydra's files and job.json in it), and the
+    folders above it that are left empty, up to the working directory."""
+    if not out.is_dir() or {p.name for p in out.iterdir()} - HYDRA_ONLY:
+        return
+    shutil.rmtree(out)
+    cwd = Path.cwd().resolve()
+    for parent in out.resolve().parents:
+        if parent == cwd or cwd.is_relative_to(parent) or any(parent.iterdir()):
+            break
+        parent.rmdir()
 
 
 def training_started(out: Path, cfg: DictConfig, overrides: list[str]) -> None:
     """Called by mcl.train on rank 0 once every check passed, before training: keeps an earlier run's records
     (see the module docstring), then writes this run's config_resolved.yaml (and job.json: running)."""
     out.mkdir(parents=True, exist_ok=True)
+    _training.add(str(out))
     if (out / RUN_CONFIG).is_file():
         k = 1 + sum(1 for d in (out / RESUMED).glob("*") if d.name.isdigit())
         kept = out / RESUMED / str(k)

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 from omegaconf import OmegaConf
 
@@ -132,6 +135,52 @@ def available_cpus() -> int:
 def workers(limit: int | str) -> int:
     """min(limit, available CPUs): loader worker processes beyond the cores only compete for them."""
     return max(1, min(int(limit), available_cpus()))
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """The errors that are a user's mistake, raised in mcl's own words before (or instead of) training: a config,
+    data, checkpoint or evaluation setting that cannot work, a diverged run, and Hydra's own config errors."""
+    from hydra.errors import CompactHydraException
+
+    from mcl.data.sources import DatasetError
+    from mcl.eval.common import EvalError
+    from mcl.reliability import CheckpointError, NonFiniteError
+    from mcl.train import ConfigError
+
+    return ConfigError, CheckpointError, DatasetError, EvalError, NonFiniteError, CompactHydraException
+
+
+def run_cli(main: Callable[[], Any]) -> None:
+    """Run a `@hydra.main` CLI: a user's mistake (`user_errors`) prints one message, `Type: what is wrong and
+    the fix`, and exits with status 1, without a traceback; any other error shows its full traceback. With
+    HYDRA_FULL_ERROR=1 set by the user, every error shows Hydra's full traceback."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1" and not os.environ.get("MCL_CLI_ERRORS"):
+        main()
+        return
+    # Hydra then re-raises the job's error instead of printing its traceback; processes this one starts (DDP, launchers) inherit both
+    os.environ.update(HYDRA_FULL_ERROR="1", MCL_CLI_ERRORS="1")
+    stderr, sys.stderr = sys.stderr, _WithoutHydraJobLine(sys.stderr)  # Hydra's line before the error: ours follows
+    try:
+        main()
+    except user_errors() as err:
+        cause = f"\n{err.__cause__}" if type(err).__module__.startswith("hydra") and err.__cause__ is not None else ""
+        sys.stderr = stderr
+        sys.exit(f"{type(err).__name__}: {err}{cause}")
+    finally:
+        sys.stderr = stderr
+
+
+class _WithoutHydraJobLine:
+    """sys.stderr without the `Error executing job with overrides: [...]` line Hydra writes above a job's error."""
+
+    def __init__(self, stream: Any):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        return len(text) if text.startswith("Error executing job with overrides:") else self._stream.write(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 class _DropLightningTips(logging.Filter):

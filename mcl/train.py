@@ -73,9 +73,26 @@ def check_config(cfg: DictConfig, world_size: int) -> None:
             f"model.queue_size={cfg.model.queue_size} must be a multiple of the keys enqueued per step, one key an image: "
             f"data.batch_size={cfg.data.batch_size} x {world_size} device(s) = {keys_per_step}"
         )
+    check_mining_candidates(cfg, world_size)
     check_batchnorm(cfg)
     check_ranges(cfg)
     check_resume_and_callbacks(cfg)
+
+
+def check_mining_candidates(cfg: DictConfig, world_size: int) -> None:
+    """Each strategy's knobs can run on the candidates a query gets (the bank, or the global batch's two views):
+    ConfigError naming the knob first, then where the count of candidates comes from."""
+    if cfg.model.candidates == "batch":
+        count = 2 * cfg.data.batch_size * world_size
+        source = f"model.candidates=batch: 2 views x data.batch_size={cfg.data.batch_size} x {world_size} device(s)"
+    else:
+        count, source = cfg.model.queue_size, f"the memory bank: model.queue_size={cfg.model.queue_size}"
+    for side in ("positive", "negative"):
+        strategy = hydra.utils.instantiate(cfg.mining[side])
+        try:
+            getattr(strategy, "validate", lambda n: None)(count)
+        except ValueError as err:
+            raise ConfigError(f"{err} [{count} candidates a query, from {source}]") from None
 
 
 def check_batchnorm(cfg: DictConfig) -> None:
@@ -247,13 +264,27 @@ def instantiate_dict(node: DictConfig | None) -> list:
 @contextmanager
 def own_errors():
     """Hydra wraps an error raised while building a `_target_`; a check's ValueError (ConfigError,
-    DatasetError, ...) is re-raised as it is, so the user reads the check's own message."""
+    DatasetError, ...) is re-raised as it is, so the user reads the check's own message. A plain ValueError
+    of a check in a constructor (`backbone.width`, `data.key_view`, Lightning's `trainer.precision`) is a
+    setting that cannot work: a ConfigError with its message (the CLI prints it without a traceback)."""
     try:
         yield
     except InstantiationException as err:
-        if isinstance(err.__cause__, ValueError):
-            raise err.__cause__ from None
-        raise
+        cause = err.__cause__
+        if not isinstance(cause, ValueError):
+            raise
+        if is_mcl_error(cause):
+            raise cause from None
+        raise ConfigError(str(cause)) from cause
+    except ValueError as err:
+        if is_mcl_error(err):
+            raise
+        raise ConfigError(str(err)) from err
+
+
+def is_mcl_error(err: Exception) -> bool:
+    """One of mcl's own errors (ConfigError, DatasetError, CheckpointError, ...): raised by a check, in mcl's words."""
+    return type(err).__module__.startswith("mcl.")
 
 
 def trains_on_cuda(trainer: DictConfig) -> bool:
@@ -402,10 +433,11 @@ if __name__ == "__main__":
     # Run the main of the importable module, not of `__main__`: the sweep launchers that pickle the task
     # (submitit, joblib) can then refer to this module's functions by name instead of copying them.
     from mcl import train as importable
+    from mcl.runtime import run_cli
 
-    try:
+    def cli() -> None:
         importable.check_knob_overrides(sys.argv[1:])
-    except importable.ConfigError as err:
-        sys.exit(f"ConfigError: {err}")
-    sys.argv += importable.resume_in_run_dir(sys.argv[1:])  # a resumed run writes into its checkpoint's run dir
-    importable.main()
+        sys.argv += importable.resume_in_run_dir(sys.argv[1:])  # a resumed run writes into its checkpoint's run dir
+        importable.main()
+
+    run_cli(cli)

@@ -10,7 +10,9 @@ import hashlib
 import os
 import warnings
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
+from http.client import HTTPException
 from pathlib import Path
 
 import numpy as np
@@ -44,12 +46,34 @@ class Images:
         if self.array is not None:
             return torch.from_numpy(self.array[i]).permute(2, 0, 1)
         with Image.open(self.paths[i]) as im:
-            return torch.from_numpy(np.asarray(im.convert("RGB"))).permute(2, 0, 1)
+            return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)  # a copy: PIL's buffer is read-only
 
 
 def _missing(name: str, path: Path, layout: str, download: bool | None = None) -> DatasetError:
     hint = " or pass dataset.download=true to fetch it" if download is False else ""
     return DatasetError(f"{name} not found at {path}. Expected layout: {layout}. Put the files there{hint}.")
+
+
+@contextmanager
+def _downloading(name: str, root: str, download: bool):
+    """dataset.download=true: a download that fails (no network: compute nodes often have none) is a DatasetError
+    saying how to stage the files, and the folders it created are removed again when they are left empty."""
+    if not download:
+        yield
+        return
+    created = [p for p in (Path(root), *Path(root).parents) if not p.exists()]  # deepest first
+    try:
+        yield
+    except (OSError, HTTPException) as err:
+        for folder in created:
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        raise DatasetError(
+            f"{name}: dataset.download=true could not download into {root} ({type(err).__name__}: {err}); is there a network "
+            f"here? Download it on a machine that has one (the same command, or python -c \"from torchvision import datasets; "
+            f"datasets.{ {'cifar10': 'CIFAR10', 'cifar100': 'CIFAR100', 'stl10': 'STL10'}[name] }('{root}', download=True)\"), "
+            "copy the folder to paths.data_dir (or $MCL_DATA_DIR) and run without dataset.download=true (docs/datasets.md)"
+        ) from err
 
 
 def _checked(name: str, x: np.ndarray, y: np.ndarray, num_classes: int | None) -> Images:
@@ -79,7 +103,8 @@ def cifar(root: str, variant: str = "cifar10", download: bool = False, num_class
 
     cls = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}[variant]
     try:
-        splits = [cls(root, train=train, download=download) for train in (True, False)]
+        with _downloading(variant, root, download):
+            splits = [cls(root, train=train, download=download) for train in (True, False)]
     except RuntimeError as err:
         raise _missing(variant, Path(root) / cls.base_folder, f"{root}/{cls.base_folder}/ with the python batches", download) from err
     return tuple(_checked(variant, s.data, np.array(s.targets), num_classes) for s in splits)
@@ -90,7 +115,8 @@ def stl10(root: str, train_split: str = "train+unlabeled", download: bool = Fals
     from torchvision import datasets
 
     try:
-        splits = [datasets.STL10(root, split=s, download=download) for s in (train_split, "test")]
+        with _downloading("stl10", root, download):
+            splits = [datasets.STL10(root, split=s, download=download) for s in (train_split, "test")]
     except RuntimeError as err:
         raise _missing(
             "stl10", Path(root) / "stl10_binary", f"{root}/stl10_binary/ with train_X.bin, unlabeled_X.bin, ...", download

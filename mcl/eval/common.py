@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from mcl.data.datamodule import ContrastiveDataModule
 from mcl.module import MCLModule
+from mcl.reliability import read_checkpoint
 
 RUN_CONFIG = "config_resolved.yaml"  # what mcl.train writes into every run dir
 REPO = Path(__file__).resolve().parents[2]  # the checkout mcl is installed from (editable), holding conf/
@@ -59,6 +60,7 @@ def load_checkpoint(ckpt_path: str | Path, run_config: str | None = None) -> tup
     if not ckpt_path.is_file():
         raise EvalError(f"ckpt_path={ckpt_path} is not a file (a .ckpt written by python -m mcl.train)")
     cfg = OmegaConf.load(find_run_config(ckpt_path, run_config))
+    read_checkpoint(ckpt_path)  # a truncated or foreign file: the CheckpointError training gives
     module = MCLModule.load_from_checkpoint(ckpt_path, map_location="cpu")
     return module.eval(), cfg
 

@@ -62,4 +62,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from mcl.runtime import run_cli
+
+    run_cli(main)  # a user's mistake: one message, no traceback

@@ -143,11 +143,13 @@ class GradientBandNegatives(RankBand):
         check_choice("unit", self.unit, ("fraction", "rank"))
         check_choice("rank_by", self.rank_by, RANK_BY)
         limit = 1.0 if self.unit == "fraction" else bank_size
-        for when, (a, b) in (("start", (self.start, self.end)), ("end", (self.final_start, self.final_end))):
+        for when, (lo, hi) in (("start", ("start", "end")), ("end", ("final_start", "final_end"))):
+            a, b = getattr(self, lo), getattr(self, hi)
             if not 0 <= a < b <= limit:
                 raise ValueError(
-                    f"mining.negative band edges at the {when} of training must satisfy 0 <= start < end <= {limit} "
-                    f"(unit={self.unit}, {bank_size} candidates), got start={a}, end={b}"
+                    f"mining.negative.{lo}={a}, mining.negative.{hi}={b}: the band kept at the {when} of training needs "
+                    f"0 <= {lo} < {hi} <= {limit} (mining.negative.unit={self.unit}"
+                    + (f", ranks of the {bank_size} candidates)" if self.unit == "rank" else ": fractions of the candidates)")
                 )
         knobs = f"start={self.start}, end={self.end}, final_start={self.final_start}, final_end={self.final_end}"
         self.check_keeps_some("band", bank_size, knobs)
