@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import struct
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from torch.nn import functional as F
 from wandb.proto import wandb_internal_pb2
 
 from mcl.panel import NOT_IN_BANK, draw, mine
-from mcl.train import build
+from mcl.train import build, train
 
 SMALL = ["debug=tiny", "dataset=digits", "dataset.image_size=16", "backbone.width=8", "data.batch_size=16", "model.queue_size=128"]
 
@@ -151,3 +152,16 @@ def test_wandb_sweep_without_a_key_runs_every_job_offline_grouped_by_variant(tmp
 def test_a_single_run_has_no_wandb_group_and_no_sweep_tag(tmp_path):
     cfg = make_cfg(["logger=wandb", "seed=1"], tmp_path)  # composed outside a multirun
     assert cfg.logger.wandb.group is None and list(cfg.logger.wandb.tags) == []
+
+
+@pytest.mark.slow
+def test_debug_tiny_logs_every_step_and_draws_the_panel_once(tmp_path):
+    """debug=tiny (2 epochs of 4 steps): train/loss and the mining diagnostics at each of the 8 steps, one panel after the last epoch."""
+    summary = train(make_cfg(["debug=tiny", "dataset=digits", "dataset.image_size=16", "backbone.width=8", "logger=csv"], tmp_path))
+    assert (summary["epochs"], summary["steps"]) == (2, 8)
+    with open(tmp_path / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    for column in ("train/loss", "mining/neg_kept_step"):
+        logged = [int(r["step"]) for r in rows if r.get(column)]
+        assert len(logged) == 8 and len(set(logged)) == 8, (column, logged)  # one value at every step
+    assert sorted(p.name for p in (tmp_path / "panels").iterdir()) == ["epoch001.png"]
