@@ -18,11 +18,12 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
+from mcl import runtime
 from mcl.eval.common import EvalError
 from mcl.module import MCLModule
 from mcl.reliability import read_checkpoint
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf" / "eval")
+CONF_DIR = str(Path(runtime.CONF_DIR) / "eval")
 
 
 def backbone_state_dict(module: MCLModule, encoder: str = "query") -> dict[str, torch.Tensor]:

@@ -21,6 +21,15 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+
+def find_conf_dir() -> str:
+    """conf/: the copy inside the installed package (a wheel ships it as mcl/conf), else the checkout's top-level conf/."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    packaged, checkout = os.path.join(here, "conf"), os.path.join(os.path.dirname(here), "conf")
+    return packaged if os.path.isfile(os.path.join(packaged, "train.yaml")) else checkout
+
+
+CONF_DIR = find_conf_dir()  # what every CLI, test and notebook composes
 SWEEP_SYNTAX = ",()[]*"  # a value with these is a sweep or a list, not one dataset name
 NAME_SKIPS = ("experiment", "sweep", "logger", "paths", "hydra", "callbacks")  # keys the run name leaves out
 MAX_NAME = 128

@@ -18,6 +18,7 @@ from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator
 from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
+from mcl import runtime
 from mcl.data.datamodule import ContrastiveDataModule
 from mcl.eval.common import EvalError, find_run_config
 from mcl.module import MCLModule
@@ -25,7 +26,7 @@ from mcl.records import training_started
 from mcl.reliability import RunConfig, resume_checkpoint
 from mcl.runtime import task_overrides
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONF_DIR = runtime.CONF_DIR  # conf/: the packaged copy, or the checkout's
 
 
 class ConfigError(ValueError):
