@@ -139,3 +139,25 @@ def training_started(out: Path, cfg: DictConfig, overrides: list[str]) -> None:
     earlier = [*record.pop("earlier", []), record] if record else []
     _resumed[str(out)] = earlier
     write_record(out, {**fields, "status": "running", "started": datetime.now().isoformat(timespec="seconds")}, earlier)
+
+
+DATA_PATH_KEYS = ("dataset.root", "dataset.path", "dataset.source.root", "dataset.source.path", "dataset.source.cache_dir")
+
+
+def launch_dir(run_dir: Path) -> Path | None:
+    """The directory a run was started from (Hydra's hydra.runtime.cwd, in the run's .hydra/hydra.yaml); None if unrecorded."""
+    path = Path(run_dir) / ".hydra" / "hydra.yaml"
+    cwd = OmegaConf.select(OmegaConf.load(path), "hydra.runtime.cwd", default=None) if path.is_file() else None
+    return Path(cwd) if cwd else None
+
+
+def with_run_paths(run_cfg: DictConfig, run_dir: Path) -> DictConfig:
+    """A run's config whose relative data paths (paths.data_dir: `data`, `cache`) point where that run read them:
+    under the directory it was started from, not under the one a notebook or script runs in now."""
+    base = launch_dir(run_dir)
+    cfg = run_cfg.copy()
+    for key in DATA_PATH_KEYS if base is not None else ():
+        value = OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
+        if isinstance(value, str) and value and not os.path.isabs(value):
+            OmegaConf.update(cfg, key, str(base / value))
+    return cfg

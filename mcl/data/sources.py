@@ -70,7 +70,7 @@ def _downloading(name: str, root: str, download: bool):
                 folder.rmdir()
         raise DatasetError(
             f"{name}: dataset.download=true could not download into {root} ({type(err).__name__}: {err}); is there a network "
-            f"here? Download it on a machine that has one (the same command, or python -c \"from torchvision import datasets; "
+            f'here? Download it on a machine that has one (the same command, or python -c "from torchvision import datasets; '
             f"datasets.{ {'cifar10': 'CIFAR10', 'cifar100': 'CIFAR100', 'stl10': 'STL10'}[name] }('{root}', download=True)\"), "
             "copy the folder to paths.data_dir (or $MCL_DATA_DIR) and run without dataset.download=true (docs/datasets.md)"
         ) from err
