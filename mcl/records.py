@@ -4,7 +4,8 @@ conf/hydra/default.yaml) and `config_resolved.yaml` (written by mcl.train when t
 A run that does not start writes nothing into a run dir that already holds a run: a refused resume
 (`ckpt_path=` with other settings, an unreadable checkpoint) leaves every file as it was, so mcl.report
 reads the finished run as before; a single run (not a sweep's job) that fails before training leaves
-no run dir (its error is printed; a sweep's failed job keeps its dir and job.json for mcl.report).
+no run dir (its error is printed; a sweep's failed job keeps its dir and job.json for mcl.report),
+and neither does a trainer.fast_dev_run (debug=fast) smoke test.
 A resume that starts keeps what was there: job.json's record of the
 earlier part moves into its `earlier` list (oldest first), and the config_resolved.yaml it replaces is
 kept as `.hydra/resumed/<k>/previous_config_resolved.yaml`, beside that resume's `overrides.yaml`
@@ -75,7 +76,7 @@ class JobStatusFile(Callback):
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._started = datetime.now()
-        if not is_rank_zero():
+        if not is_rank_zero() or writes_nothing(config):
             return
         out = Path(config.hydra.runtime.output_dir)
         if holds_a_run(out):
@@ -100,12 +101,20 @@ class JobStatusFile(Callback):
         out = Path(config.hydra.runtime.output_dir)
         if not is_rank_zero() or _waiting.pop(str(out), None) is not None:
             return  # a resume that never started training: the run dir keeps its records
+        if writes_nothing(config):
+            remove_unused_run_dir(out)  # the empty dir Hydra made
+            return
         started = str(out) in _training
         _training.discard(str(out))
         if job_return.status == JobStatus.FAILED and config.hydra.job.get("num") is None and not started:
             remove_unused_run_dir(out)
             return
         self._write(out, config, _resumed.pop(str(out), []), **fields)
+
+
+def writes_nothing(config: DictConfig) -> bool:
+    """trainer.fast_dev_run (debug=fast): a smoke test that leaves no run dir, no record, no checkpoint."""
+    return bool(OmegaConf.select(config, "trainer.fast_dev_run", default=False))
 
 
 def remove_unused_run_dir(out: Path) -> None:

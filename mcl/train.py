@@ -315,6 +315,9 @@ def build(cfg: DictConfig) -> tuple[ContrastiveDataModule, MCLModule, L.Trainer]
     bar = cfg.trainer.get("enable_progress_bar", True)  # false: no bar, callbacks.progress_bar included
     callbacks = [c for c in instantiate_dict(cfg.get("callbacks")) if bar or not isinstance(c, ProgressBar)] + [run_config]
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=instantiate_dict(cfg.get("logger")) or False, callbacks=callbacks)
+    if trainer.fast_dev_run:  # Lightning skips checkpoints under fast_dev_run, except save_last's at the end of training
+        for checkpoint in trainer.checkpoint_callbacks:
+            checkpoint.save_last = False
     check_config(cfg, trainer.world_size)
     datamodule = ContrastiveDataModule(dataset=plain(cfg.dataset), **plain(cfg.data))
     datamodule.trainer = trainer
@@ -335,11 +338,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Pre-train; returns the summary (also printed): output dir, final monitors and what scored them, checkpoints."""
     datamodule, model, trainer = build(cfg)
     out = Path(cfg.paths.output_dir)
-    if trainer.is_global_zero:  # config_resolved.yaml (an earlier run's records in this dir kept: mcl.records)
+    if trainer.is_global_zero and not trainer.fast_dev_run:  # config_resolved.yaml (an earlier run's records kept: mcl.records)
         training_started(out, cfg, task_overrides())
     for logger in trainer.loggers:  # the whole resolved config (W&B run config, hparams.yaml), not only the module's arguments
         logger.log_hyperparams(plain(cfg))
-    summary: dict[str, Any] = {"output_dir": str(out)}
+    summary: dict[str, Any] = {"output_dir": str(out), "fast_dev_run": bool(trainer.fast_dev_run)}
     try:
         if cfg.monitor.at_start:
             summary["initial"] = {k: float(v) for k, v in trainer.validate(model, datamodule, verbose=False)[0].items()}
@@ -372,8 +375,9 @@ def checkpoint_files(trainer: L.Trainer) -> dict[str, Any]:
 
 def print_summary(summary: dict[str, Any]) -> None:
     """Which values are final, what scored them, and what each checkpoint file is."""
+    written = "none: trainer.fast_dev_run (debug=fast) writes nothing" if summary.get("fast_dev_run") else summary["output_dir"]
     lines = [
-        f"output dir:        {summary['output_dir']}",
+        f"output dir:        {written}",
         f"{'last measured monitors (the run was interrupted)' if summary['interrupted'] else 'final monitors'}, "
         f"after {summary['epochs']} epoch(s) / {summary['steps']} steps, on the test split (logged only: no checkpoint is chosen by them):",
     ]

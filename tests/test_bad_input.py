@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from mcl.data.sources import DatasetError
+from mcl.data.sources import image_folder as image_folder_source
 from mcl.reliability import CheckpointError
 from mcl.train import ConfigError, build, train
 
@@ -207,6 +209,18 @@ def test_image_folder_without_val_or_with_other_classes(tmp_path):
     (root / "val").rmdir()
     with pytest.raises(DatasetError, match=r"imagefolder not found at .*val"):
         build_with(tmp_path, *FOLDER, f"dataset.root={root}")
+
+
+def test_image_folder_images_read_without_a_read_only_array_warning(tmp_path):
+    """PIL's buffer is read-only: torch.from_numpy on it warns "The given NumPy array is not writable"."""
+    images = image_folder(tmp_path / "images")
+    train_images, _ = image_folder_source(str(images), image_size=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        image = train_images.image(0)
+    assert image.shape == (3, 8, 8) and image.dtype == torch.uint8
+    image += 1  # a tensor of its own, writable
+    assert torch.equal(image - 1, torch.from_numpy(np.array(Image.open(train_images.paths[0]).convert("RGB"))).permute(2, 0, 1))
 
 
 def test_image_folder_with_mixed_sizes_is_accepted(tmp_path):
