@@ -3,7 +3,8 @@
 - OmegaConf resolvers used by conf/:
   `${mcl.run_dir:TASK,OVERRIDES}`, `${mcl.sweep_dir:TASK,OVERRIDES,STAMP}`: the run and sweep dir names (conf/hydra/default.yaml);
   `${mcl.run_name:TASK}`, `${mcl.run_group:TASK}`, `${mcl.run_tags:}`: the W&B run's name, group and tags (conf/logger/wandb.yaml);
-  `${mcl.workers:N}`: N loader workers, at most one per CPU this process may use (conf/eval/).
+  `${mcl.workers:N}`: N loader workers, at most one per CPU this process may use (conf/eval/);
+  `${mcl.task_cpus:N}`: N + 1, the CPUs a SLURM task asks for, N loader workers and the training process (conf/hydra/launcher/slurm.yaml).
 - Two Lightning messages that never apply to an mcl run are dropped, each by its exact text:
   the "💡 Tip" adverts for Lightning's cloud services, and the CSV logger's "Previous log files
   in this directory will be deleted" (the run dir always holds `.hydra/` and the resolved
@@ -207,6 +208,7 @@ def register() -> None:
     OmegaConf.register_new_resolver("mcl.run_group", lambda task: run_group(task), replace=True)
     OmegaConf.register_new_resolver("mcl.run_tags", lambda: run_tags(), replace=True)
     OmegaConf.register_new_resolver("mcl.workers", workers, replace=True)
+    OmegaConf.register_new_resolver("mcl.task_cpus", lambda num_workers: int(num_workers) + 1, replace=True)
     warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty\. Previous log files")
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logger = logging.getLogger(name)
