@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 import warnings
 import zipfile
 from contextlib import contextmanager
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
@@ -128,13 +130,17 @@ TINY_LAYOUT = "tiny-imagenet-200/{wnids.txt, train/<wnid>/images/*.JPEG, val/ima
 TINY_ARRAYS = ("x_train", "y_train", "x_test", "y_test")
 
 
-def _read_rgb(paths: list[Path]) -> np.ndarray:
-    def load(p: Path) -> np.ndarray:
+def _read_rgb(paths: list[Path], progress: str | None = None) -> np.ndarray:
+    """The images at `paths`, N x H x W x 3 uint8; `progress`: say `<progress>: i of N` at every tenth of them."""
+
+    def load(i: int, p: Path) -> np.ndarray:
+        if progress and i and i % max(1, len(paths) // 10) == 0:
+            rank_zero_info(f"{progress}: {i} of {len(paths)}")
         with Image.open(p) as im:
             return np.asarray(im.convert("RGB"))
 
     try:
-        return np.stack([load(p) for p in paths])
+        return np.stack([load(i, p) for i, p in enumerate(paths)])
     except ValueError as err:
         raise DatasetError(f"images under {paths[0].parent} do not all have the same size: {err}") from err
 
@@ -204,10 +210,20 @@ def tinyimagenet(root: str, num_classes: int | None = 200, cache_dir: str | None
         key = _files_key([annotations, *(p for p, _ in train), *(p for p, _ in val)])
         arrays = _read_cache(cache, key)
     if arrays is None:
-        splits = [(_read_rgb([p for p, _ in s]), np.array([c for _, c in s])) for s in (train, val)]
+        began = time.monotonic()
+        kept = f"then kept in {cache} for later runs" if cache is not None else "on every run (paths.cache_dir=null)"
+        rank_zero_info(f"tinyimagenet: decoding the {len(train) + len(val)} JPEGs under {base} into memory, {kept}")
+        splits = [
+            (_read_rgb([p for p, _ in s], f"tinyimagenet: {name} images decoded"), np.array([c for _, c in s]))
+            for name, s in (("train", train), ("val", val))
+        ]
         arrays = dict(zip(TINY_ARRAYS, (*splits[0], *splits[1])))
         if cache is not None:
+            rank_zero_info(f"tinyimagenet: writing {sum(a.nbytes for a in arrays.values()) / 2**30:.2f} GiB to {cache}")
             _write_cache(cache, key, arrays)
+        rank_zero_info(f"tinyimagenet: ready in {time.monotonic() - began:.0f} s")
+    else:
+        rank_zero_info(f"tinyimagenet: decoded images read from the cache {cache}")
     return (  # the cached copy passes the same checks as a fresh decode
         _checked("tinyimagenet", arrays["x_train"], arrays["y_train"], num_classes),
         _checked("tinyimagenet", arrays["x_test"], arrays["y_test"], num_classes),
