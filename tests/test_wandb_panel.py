@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import struct
 from pathlib import Path
 
@@ -165,3 +166,25 @@ def test_debug_tiny_logs_every_step_and_draws_the_panel_once(tmp_path):
         logged = [int(r["step"]) for r in rows if r.get(column)]
         assert len(logged) == 8 and len(set(logged)) == 8, (column, logged)  # one value at every step
     assert sorted(p.name for p in (tmp_path / "panels").iterdir()) == ["epoch001.png"]
+
+
+def test_wandb_mode_is_decided_for_each_job_and_given_to_the_logger(tmp_path, monkeypatch):
+    """With a key: online; without one (no WANDB_API_KEY, no netrc): offline; the environment is left alone,
+    so the next job of a sweep decides again."""
+    from mcl.train import wandb_offline_unless_logged_in
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("NETRC", str(tmp_path / "no_netrc"))
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    with_key = make_cfg(["logger=wandb"], tmp_path)
+    wandb_offline_unless_logged_in(with_key)
+    monkeypatch.delenv("WANDB_API_KEY")
+    without = make_cfg(["logger=wandb"], tmp_path)
+    wandb_offline_unless_logged_in(without)
+    assert (with_key.logger.wandb.mode, without.logger.wandb.mode) == ("online", "offline")
+    assert "WANDB_MODE" not in os.environ
+    monkeypatch.setenv("WANDB_MODE", "disabled")  # the user's choice wins
+    chosen = make_cfg(["logger=wandb"], tmp_path)
+    wandb_offline_unless_logged_in(chosen)
+    assert chosen.logger.wandb.mode == "disabled"
