@@ -82,7 +82,7 @@ class RankBand:
         for progress in (0.0, 1.0):
             lo, hi = self.edges(bank_size, progress)
             if hi - lo < 1:
-                raise ValueError(f"mining.negative {kind} [{lo}, {hi}) keeps zero negatives of {bank_size} candidates ({knobs})")
+                raise ValueError(f"{knobs}: the {kind} [{lo}, {hi}) keeps zero negatives of the {bank_size} candidates")
 
     def __call__(self, ctx: MiningContext) -> NegativeSelection:
         if self.warmup and not ctx.bank_full:
@@ -151,7 +151,7 @@ class GradientBandNegatives(RankBand):
                     f"0 <= {lo} < {hi} <= {limit} (mining.negative.unit={self.unit}"
                     + (f", ranks of the {bank_size} candidates)" if self.unit == "rank" else ": fractions of the candidates)")
                 )
-        knobs = f"start={self.start}, end={self.end}, final_start={self.final_start}, final_end={self.final_end}"
+        knobs = ", ".join(f"mining.negative.{k}={getattr(self, k)}" for k in ("start", "end", "final_start", "final_end"))
         self.check_keeps_some("band", bank_size, knobs)
 
     def ranking(self, ctx: MiningContext) -> torch.Tensor:
@@ -185,7 +185,8 @@ class RingNegatives(RankBand):
                 raise ValueError(f"mining.negative.{name} must lie in (0, 1], got {value}")
         if not 0 <= self.inner < 1:
             raise ValueError(f"mining.negative.inner must lie in [0, 1), got {self.inner}")
-        self.check_keeps_some("ring", bank_size, f"outer={self.outer}, inner={self.inner}, initial_outer={self.initial_outer}")
+        knobs = ", ".join(f"mining.negative.{k}={getattr(self, k)}" for k in ("outer", "inner", "initial_outer"))
+        self.check_keeps_some("ring", bank_size, knobs)
 
     def ranking(self, ctx: MiningContext) -> torch.Tensor:
         return ctx.bank_sim.detach()  # similarity to the query
