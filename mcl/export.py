@@ -1,4 +1,5 @@
-"""`python -m mcl.export ckpt_path=PATH out=FILE`: the backbone as a plain torchvision state_dict.
+"""`python -m mcl.export ckpt_path=PATH out=FILE`: the backbone as a plain torchvision state_dict, and beside
+it `<FILE stem>.json`: the input it expects (image size, normalisation mean / std) and its architecture.
 
 `mcl.models.WidthResNet` is torchvision's ResNet with torchvision's parameter names and an
 Identity classifier, so the file (tensors only, `torch.load(FILE, weights_only=True)`) loads
@@ -12,16 +13,19 @@ of it shows in the file.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import hydra
 import torch
 from omegaconf import DictConfig
 
+from mcl import runtime
 from mcl.eval.common import EvalError, module_from_checkpoint
 from mcl.module import MCLModule
+from mcl.reliability import CONFIG_KEY, read_checkpoint
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf" / "eval")
+CONF_DIR = str(Path(runtime.CONF_DIR) / "eval")
 
 
 def backbone_state_dict(module: MCLModule, encoder: str = "query") -> dict[str, torch.Tensor]:
@@ -61,17 +65,43 @@ def torchvision_recipe(backbone: dict, out: str) -> str:
     return "\n".join(lines)
 
 
+def input_record(run_config: dict | None, backbone: dict, encoder: str, ckpt: Path) -> dict:
+    """What the exported backbone expects and what it is: image size, normalisation (dataset.mean / std, applied
+    to images scaled to [0, 1]), the dataset it was trained on, its architecture. None where the checkpoint holds
+    no run config (an older mcl wrote it)."""
+    dataset = (run_config or {}).get("dataset", {})
+    return {
+        "checkpoint": str(ckpt),
+        "encoder": encoder,
+        "dataset": dataset.get("name"),
+        "image_size": dataset.get("image_size"),
+        "mean": dataset.get("mean"),
+        "std": dataset.get("std"),
+        **{k: backbone.get(k) for k in ("arch", "width", "cifar_stem", "maxpool")},
+    }
+
+
 def export(cfg: DictConfig) -> Path:
-    """Write the backbone of cfg.ckpt_path to cfg.out; returns the path."""
+    """Write the backbone of cfg.ckpt_path to cfg.out, and beside it (<out stem>.json) its input: image size and
+    normalisation; returns the path of the backbone."""
     ckpt = Path(cfg.ckpt_path)
     if not ckpt.is_file():
         raise EvalError(f"ckpt_path={ckpt} is not a file (a .ckpt written by python -m mcl.train)")
+    run_config = read_checkpoint(ckpt).get(CONFIG_KEY)  # a truncated or foreign file: the CheckpointError training gives
     module = module_from_checkpoint(ckpt)
     state = backbone_state_dict(module, cfg.encoder)
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, out)
-    print(f"wrote the {cfg.encoder} backbone ({len(state)} tensors) to {out}; load it with:\n")
+    record = input_record(run_config, module.hparams.backbone, cfg.encoder, ckpt)
+    out.with_suffix(".json").write_text(json.dumps(record, indent=2))
+    size, mean, std = record["image_size"], record["mean"], record["std"]
+    expects = (
+        f"its input: {size} x {size} px RGB images scaled to [0, 1], normalised with mean {mean} and std {std} (dataset {record['dataset']})"
+        if size is not None
+        else "its input: not recorded (the checkpoint holds no run config)"
+    )
+    print(f"wrote the {cfg.encoder} backbone ({len(state)} tensors) to {out}; {expects}, in {out.with_suffix('.json')}; load it with:\n")
     print(torchvision_recipe(module.hparams.backbone, str(out)))
     return out
 
@@ -82,4 +112,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from mcl.runtime import run_cli
+
+    run_cli(main)  # a user's mistake: one message, no traceback

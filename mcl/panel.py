@@ -161,7 +161,9 @@ def mining_panel(
 
 
 class MiningPanel(L.Callback):
-    """Every `every_n_epochs` training epochs: the panel as `<dirpath>/epoch<NNN>.png` (NNN: epochs trained, from 1), and as the W&B image `mining/panel`.
+    """Every `every_n_epochs` training epochs and after the last one (trainer.max_epochs): the panel as
+    `<dirpath>/epoch<NNN>.png` (NNN: epochs trained, from 1), and as the W&B image `mining/panel`
+    (none with trainer.fast_dev_run).
 
     num_queries: fixed test images (chosen once with `seed`); num_positives / num_negatives:
     columns per group. Drawn on global rank 0 only.
@@ -177,7 +179,9 @@ class MiningPanel(L.Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: MCLModule) -> None:
         epoch = trainer.current_epoch
-        if (epoch + 1) % self.every_n_epochs or not trainer.is_global_zero or trainer.sanity_checking:
+        last = trainer.max_epochs is not None and epoch + 1 == trainer.max_epochs  # a short run (debug=tiny) shows one too
+        due = (epoch + 1) % self.every_n_epochs == 0 or last
+        if not due or not trainer.is_global_zero or trainer.sanity_checking or trainer.fast_dev_run:
             return
         datamodule = trainer.datamodule
         indices = query_indices(len(datamodule.test_images), self.num_queries, self.seed)

@@ -19,12 +19,15 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 
+from mcl import runtime
 from mcl.data.datamodule import ContrastiveDataModule
 from mcl.eval.common import EvalError, find_run_config
 from mcl.module import MCLModule
+from mcl.records import training_started
 from mcl.reliability import RunConfig, resume_checkpoint
+from mcl.runtime import task_overrides
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONF_DIR = runtime.CONF_DIR  # conf/: the packaged copy, or the checkout's
 
 
 class ConfigError(ValueError):
@@ -72,10 +75,27 @@ def check_config(cfg: DictConfig, world_size: int) -> None:
             f"model.queue_size={cfg.model.queue_size} must be a multiple of the keys enqueued per step, one key an image: "
             f"data.batch_size={cfg.data.batch_size} x {world_size} device(s) = {keys_per_step}"
         )
+    check_mining_candidates(cfg, world_size)
     check_batchnorm(cfg)
     warn_idle_shuffle_bn(cfg, world_size)
     check_ranges(cfg)
     check_resume_and_callbacks(cfg)
+
+
+def check_mining_candidates(cfg: DictConfig, world_size: int) -> None:
+    """Each strategy's knobs can run on the candidates a query gets (the bank, or the global batch's two views):
+    ConfigError naming the knob first, then where the count of candidates comes from."""
+    if cfg.model.candidates == "batch":
+        count = 2 * cfg.data.batch_size * world_size
+        source = f"model.candidates=batch: 2 views x data.batch_size={cfg.data.batch_size} x {world_size} device(s)"
+    else:
+        count, source = cfg.model.queue_size, f"the memory bank: model.queue_size={cfg.model.queue_size}"
+    for side in ("positive", "negative"):
+        strategy = hydra.utils.instantiate(cfg.mining[side])
+        try:
+            getattr(strategy, "validate", lambda n: None)(count)
+        except ValueError as err:
+            raise ConfigError(f"{err} [{count} candidates a query, from {source}]") from None
 
 
 def check_batchnorm(cfg: DictConfig) -> None:
@@ -209,14 +229,21 @@ def check_knob_overrides(args: list[str]) -> None:
 
 
 def wandb_offline_unless_logged_in(cfg: DictConfig) -> None:
-    """W&B never prompts: without an API key it runs offline (sync later with `wandb sync`)."""
-    if "wandb" not in (cfg.get("logger") or {}) or os.environ.get("WANDB_MODE") or cfg.logger.wandb.mode:
+    """W&B never prompts. logger.wandb.mode null: the WANDB_MODE the user set, else online with an API key
+    (WANDB_API_KEY or `wandb login`) and offline without one (upload later with `wandb sync`). Decided for every
+    job and passed to the logger itself: W&B reads its environment once a process, so a sweep's later jobs would
+    not see a variable set for the first."""
+    if "wandb" not in (cfg.get("logger") or {}) or cfg.logger.wandb.mode:
+        return
+    if os.environ.get("WANDB_MODE"):
+        cfg.logger.wandb.mode = os.environ["WANDB_MODE"]
         return
     import wandb
 
-    if not (os.environ.get("WANDB_API_KEY") or wandb.login(prompt=False, verify=False)):
+    if os.environ.get("WANDB_API_KEY") or wandb.login(prompt=False, verify=False):
+        cfg.logger.wandb.mode = "online"
+    else:
         print("mcl: no W&B API key configured; logging offline to the run directory (upload with `wandb sync`).")
-        os.environ["WANDB_MODE"] = "offline"  # DDP workers inherit it
         cfg.logger.wandb.mode = "offline"
 
 
@@ -251,13 +278,27 @@ def instantiate_dict(node: DictConfig | None) -> list:
 @contextmanager
 def own_errors():
     """Hydra wraps an error raised while building a `_target_`; a check's ValueError (ConfigError,
-    DatasetError, ...) is re-raised as it is, so the user reads the check's own message."""
+    DatasetError, ...) is re-raised as it is, so the user reads the check's own message. A plain ValueError
+    of a check in a constructor (`backbone.width`, `data.key_view`, Lightning's `trainer.precision`) is a
+    setting that cannot work: a ConfigError with its message (the CLI prints it without a traceback)."""
     try:
         yield
     except InstantiationException as err:
-        if isinstance(err.__cause__, ValueError):
-            raise err.__cause__ from None
-        raise
+        cause = err.__cause__
+        if not isinstance(cause, ValueError):
+            raise
+        if is_mcl_error(cause):
+            raise cause from None
+        raise ConfigError(str(cause)) from cause
+    except ValueError as err:
+        if is_mcl_error(err):
+            raise
+        raise ConfigError(str(err)) from err
+
+
+def is_mcl_error(err: Exception) -> bool:
+    """One of mcl's own errors (ConfigError, DatasetError, CheckpointError, ...): raised by a check, in mcl's words."""
+    return type(err).__module__.startswith("mcl.")
 
 
 def trains_on_cuda(trainer: DictConfig) -> bool:
@@ -287,6 +328,9 @@ def build(cfg: DictConfig) -> tuple[ContrastiveDataModule, MCLModule, L.Trainer]
     bar = cfg.trainer.get("enable_progress_bar", True)  # false: no bar, callbacks.progress_bar included
     callbacks = [c for c in instantiate_dict(cfg.get("callbacks")) if bar or not isinstance(c, ProgressBar)] + [run_config]
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=instantiate_dict(cfg.get("logger")) or False, callbacks=callbacks)
+    if trainer.fast_dev_run:  # Lightning skips checkpoints under fast_dev_run, except save_last's at the end of training
+        for checkpoint in trainer.checkpoint_callbacks:
+            checkpoint.save_last = False
     check_config(cfg, trainer.world_size)
     datamodule = ContrastiveDataModule(dataset=plain(cfg.dataset), **plain(cfg.data))
     datamodule.trainer = trainer
@@ -307,12 +351,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Pre-train; returns the summary (also printed): output dir, final monitors and what scored them, checkpoints."""
     datamodule, model, trainer = build(cfg)
     out = Path(cfg.paths.output_dir)
-    if trainer.is_global_zero:
-        out.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, out / "config_resolved.yaml", resolve=True)
+    if trainer.is_global_zero and not trainer.fast_dev_run:  # config_resolved.yaml (an earlier run's records kept: mcl.records)
+        training_started(out, cfg, task_overrides())
     for logger in trainer.loggers:  # the whole resolved config (W&B run config, hparams.yaml), not only the module's arguments
         logger.log_hyperparams(plain(cfg))
-    summary: dict[str, Any] = {"output_dir": str(out)}
+    summary: dict[str, Any] = {"output_dir": str(out), "fast_dev_run": bool(trainer.fast_dev_run)}
     try:
         if cfg.monitor.at_start:
             summary["initial"] = {k: float(v) for k, v in trainer.validate(model, datamodule, verbose=False)[0].items()}
@@ -345,8 +388,9 @@ def checkpoint_files(trainer: L.Trainer) -> dict[str, Any]:
 
 def print_summary(summary: dict[str, Any]) -> None:
     """Which values are final, what scored them, and what each checkpoint file is."""
+    written = "none: trainer.fast_dev_run (debug=fast) writes nothing" if summary.get("fast_dev_run") else summary["output_dir"]
     lines = [
-        f"output dir:        {summary['output_dir']}",
+        f"output dir:        {written}",
         f"{'last measured monitors (the run was interrupted)' if summary['interrupted'] else 'final monitors'}, "
         f"after {summary['epochs']} epoch(s) / {summary['steps']} steps, on the test split (logged only: no checkpoint is chosen by them):",
     ]
@@ -382,7 +426,7 @@ def print_summary(summary: dict[str, Any]) -> None:
 
 def resume_in_run_dir(args: list[str]) -> list[str]:
     """The Hydra overrides that make `ckpt_path=X` continue in X's run dir (the folder of the
-    config_resolved.yaml beside X or one level up), recording this command in .hydra/resumed/; none
+    config_resolved.yaml beside X or one level up); none
     when the command names its own run dir (hydra.run.dir= or paths.output_dir=), is a multirun,
     or X has no run dir."""
     given = dict(a.lstrip("+").split("=", 1) for a in args if "=" in a and not a.startswith("-"))
@@ -393,7 +437,9 @@ def resume_in_run_dir(args: list[str]) -> list[str]:
         run_dir = find_run_config(Path(ckpt)).parent.resolve()
     except EvalError:
         return []
-    return [f"hydra.run.dir='{run_dir}'", "hydra.output_subdir=.hydra/resumed"]  # the run's own .hydra/ (read by mcl.report) stays
+    # Hydra writes no .hydra/ files for it: the run's own (read by mcl.report) stay, and one that is refused writes nothing;
+    # one that starts records its overrides in .hydra/resumed/<k>/ (mcl.records.training_started)
+    return [f"hydra.run.dir='{run_dir}'", "hydra.output_subdir=null"]
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
@@ -405,10 +451,11 @@ if __name__ == "__main__":
     # Run the main of the importable module, not of `__main__`: the sweep launchers that pickle the task
     # (submitit, joblib) can then refer to this module's functions by name instead of copying them.
     from mcl import train as importable
+    from mcl.runtime import run_cli
 
-    try:
+    def cli() -> None:
         importable.check_knob_overrides(sys.argv[1:])
-    except importable.ConfigError as err:
-        sys.exit(f"ConfigError: {err}")
-    sys.argv += importable.resume_in_run_dir(sys.argv[1:])  # a resumed run writes into its checkpoint's run dir
-    importable.main()
+        sys.argv += importable.resume_in_run_dir(sys.argv[1:])  # a resumed run writes into its checkpoint's run dir
+        importable.main()
+
+    run_cli(cli)

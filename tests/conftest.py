@@ -44,11 +44,17 @@ def cfg_factory(tmp_path):
 
 
 def run_cli(args: list[str], cwd: Path, timeout: int = 600, env: dict[str, str | None] | None = None) -> subprocess.CompletedProcess:
-    """`python -m mcl.train ARGS` as a user runs it; output captured as text."""
+    """`python -m mcl.train ARGS` as a user runs it, without a terminal (stdin closed); output captured as text."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", **(env or {})}
     full_env = {k: v for k, v in full_env.items() if v is not None}  # None unsets a variable
     return subprocess.run(
-        [sys.executable, "-m", "mcl.train", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "mcl.train", *args],
+        cwd=cwd,
+        env=full_env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 

@@ -5,6 +5,11 @@ Every case here is a row of the table "What a bad input gets" in docs/reliabilit
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +17,11 @@ import pytest
 import torch
 from conftest import TINY, make_cfg
 from hydra.errors import ConfigCompositionException, MissingConfigException
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import OmegaConf
 from PIL import Image
 
 from mcl.data.sources import DatasetError
+from mcl.data.sources import image_folder as image_folder_source
 from mcl.reliability import CheckpointError
 from mcl.train import ConfigError, build, train
 
@@ -68,7 +74,9 @@ def test_bad_config_is_one_clear_error_before_training(tmp_path, overrides, erro
 def test_in_batch_knobs_are_checked_against_the_batch_before_training(tmp_path):
     """With model.candidates=batch the candidates are 2 x 32 (debug=tiny's batch) x 1 device: topk 100 cannot run."""
     cfg = make_cfg([*TINY, "experiment=simclr", "mining.positive=soft", "mining.positive.topk=100"], tmp_path / "run")
-    with pytest.raises(ValueError, match=r"model.candidates=batch: 64 candidates .*topk=100 must lie in \[1, "):
+    with pytest.raises(
+        ConfigError, match=r"^mining.positive.topk=100 must lie in \[1, 64\].*\[64 candidates a query, from model.candidates=batch: 2 views"
+    ):
         train(cfg)
     assert not (tmp_path / "run" / "checkpoints").exists()
 
@@ -86,7 +94,7 @@ def test_knob_of_another_strategy_is_hydras_error(tmp_path):
 
 
 def test_mandatory_value_left_unset(tmp_path):
-    with pytest.raises(OmegaConfBaseException, match="Missing mandatory value: dataset.path"):
+    with pytest.raises(ConfigError, match="Missing mandatory value: dataset.path"):
         build_with(tmp_path, "dataset=npz")
 
 
@@ -203,6 +211,18 @@ def test_image_folder_without_val_or_with_other_classes(tmp_path):
         build_with(tmp_path, *FOLDER, f"dataset.root={root}")
 
 
+def test_image_folder_images_read_without_a_read_only_array_warning(tmp_path):
+    """PIL's buffer is read-only: torch.from_numpy on it warns "The given NumPy array is not writable"."""
+    images = image_folder(tmp_path / "images")
+    train_images, _ = image_folder_source(str(images), image_size=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        image = train_images.image(0)
+    assert image.shape == (3, 8, 8) and image.dtype == torch.uint8
+    image += 1  # a tensor of its own, writable
+    assert torch.equal(image - 1, torch.from_numpy(np.array(Image.open(train_images.paths[0]).convert("RGB"))).permute(2, 0, 1))
+
+
 def test_image_folder_with_mixed_sizes_is_accepted(tmp_path):
     """Not an error: every view crops/resizes to dataset.image_size (a batch stacks fine)."""
     root = image_folder(tmp_path / "images", sizes=((8, 8), (13, 7), (20, 31)))
@@ -210,3 +230,80 @@ def test_image_folder_with_mixed_sizes_is_accepted(tmp_path):
     view_q, view_k, index, label = next(iter(datamodule.train_dataloader()))
     assert view_q.shape == view_k.shape == (8, 3, 8, 8)
     assert next(iter(datamodule.val_dataloader()[0]))[0].shape == (16, 3, 8, 8)
+
+
+# --- through the command line: one message in mcl's words, no traceback, no empty folder ---------------
+def run_module(module: str, args: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "WANDB_MODE": "disabled", **(env or {})}
+    if "HYDRA_FULL_ERROR" not in (env or {}):
+        full_env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=cwd, env=full_env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300
+    )
+
+
+def folders(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_dir()}
+
+
+@pytest.fixture(scope="module")
+def truncated_run(tmp_path_factory) -> Path:
+    """A run dir whose last.ckpt is cut short (a copy interrupted, a full disk), beside its config."""
+    run_dir = tmp_path_factory.mktemp("truncated") / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    OmegaConf.save(make_cfg(TINY, run_dir), run_dir / "config_resolved.yaml", resolve=True)
+    torch.save({"state_dict": {"w": torch.zeros(1000)}, "loops": {}, "optimizer_states": [], "global_step": 1, "epoch": 0}, run_dir / "x")
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes((run_dir / "x").read_bytes()[:3000])
+    (run_dir / "x").unlink()
+    return run_dir
+
+
+TRUNCATED = r"last.ckpt is not a readable checkpoint \(corrupt or truncated"
+CLI_MISTAKES = {
+    "config": (
+        "mcl.train",
+        ["model.queue_size=100"],
+        r"^ConfigError: model.queue_size=100 must be a multiple of the keys enqueued per step",
+    ),
+    "mining knob": (
+        "mcl.train",
+        ["mining.negative=gradient", "mining.negative.start=0.9"],
+        r"^ConfigError: mining.negative.start=0.9, mining.negative.end=0.5: the band kept at the start of training needs "
+        r"0 <= start < end <= 1.0 .*\[256 candidates a query, from the memory bank: model.queue_size=256\]",
+    ),
+    "data": ("mcl.train", ["dataset=cifar10", "paths.data_dir=data"], r"^DatasetError: cifar10 not found at data/cifar-10-batches-py"),
+    "offline download": (
+        "mcl.train",
+        ["dataset=cifar10", "dataset.download=true", "paths.data_dir=data/shared"],
+        r"^DatasetError: cifar10: dataset.download=true could not download into data/shared \(.*\); is there a network here\? "
+        r"Download it on a machine that has one .* run without dataset.download=true",
+    ),
+    "checkpoint": ("mcl.train", ["ckpt_path={ckpt}"], "^CheckpointError: .*" + TRUNCATED),
+    "checkpoint (knn)": ("mcl.eval.knn", ["ckpt_path={ckpt}"], "^CheckpointError: .*" + TRUNCATED),
+    "checkpoint (export)": ("mcl.export", ["ckpt_path={ckpt}", "out=backbone.pt"], "^CheckpointError: .*" + TRUNCATED),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mistake", CLI_MISTAKES)
+def test_a_users_mistake_through_the_cli_is_one_message_without_traceback_or_empty_folder(mistake, truncated_run, tmp_path):
+    module, args, message = CLI_MISTAKES[mistake]
+    ckpt = truncated_run / "checkpoints" / "last.ckpt"
+    before = {str(p): p.read_bytes() for p in truncated_run.rglob("*") if p.is_file()}
+    train_args = [*TINY, "logger=none"] if module == "mcl.train" else []
+    offline = {"https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9", "no_proxy": ""}  # no network, in any CI
+    result = run_module(module, [*train_args, *(a.format(ckpt=ckpt) for a in args)], tmp_path, env=offline)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stdout + result.stderr
+    assert "Error executing job" not in result.stderr  # Hydra's line above the message
+    errors = [line for line in result.stderr.splitlines() if "Error" in line]
+    assert len(errors) == 1 and re.search(message, errors[0]), result.stderr[-2000:]
+    assert folders(tmp_path) == set()  # no run dir (outputs/...), no data dir
+    assert {str(p): p.read_bytes() for p in truncated_run.rglob("*") if p.is_file()} == before  # the named run untouched
+
+
+@pytest.mark.slow
+def test_hydra_full_error_still_shows_the_traceback(tmp_path):
+    result = run_module("mcl.train", [*TINY, "logger=none", "model.queue_size=100"], tmp_path, env={"HYDRA_FULL_ERROR": "1"})
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr and "mcl.train.ConfigError: model.queue_size=100 must be a multiple" in result.stderr

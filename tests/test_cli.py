@@ -52,3 +52,14 @@ def test_wandb_without_api_key_runs_offline_and_never_prompts(tmp_path):
     assert "logging offline" in result.stdout
     runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+@pytest.mark.slow
+def test_debug_fast_writes_nothing(tmp_path):
+    """debug=fast says it writes nothing: no run dir (no .hydra/, job.json, config, checkpoint, log) is left."""
+    args = ["dataset=digits", "debug=fast", "dataset.image_size=16", "backbone.width=8", "data.batch_size=16", "model.queue_size=128"]
+    result = run_cli(args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "output dir:        none: trainer.fast_dev_run (debug=fast) writes nothing" in result.stdout
+    assert "last checkpoint:   none written" in result.stdout
+    assert list(tmp_path.iterdir()) == []

@@ -19,7 +19,7 @@ from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator
 from omegaconf import OmegaConf
 from test_sweep_report import SMALL, final_knn, table_rows
 
-from mcl.report import JobStatusFile
+from mcl.records import JobStatusFile
 from mcl.report import main as report_main
 from mcl.train import CONF_DIR, ConfigError, check_accelerator, check_config, train
 
@@ -149,7 +149,7 @@ def test_slurm_launcher_asks_for_the_trainer_s_nodes_and_devices(tmp_path, monke
     with pytest.raises(Submitted) as submitted:
         launcher.launch([["seed=0"], ["seed=1"]], initial_job_idx=0)
     script = submitted.value.args[0].splitlines()
-    for line in ("--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--cpus-per-task=6", "--partition=gpu", "--time=1440"):
+    for line in ("--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--cpus-per-task=7", "--partition=gpu", "--time=1440"):
         assert f"#SBATCH {line}" in script, line
     assert "#SBATCH --signal=USR2@120" in script and "#SBATCH --array=0-1%2" in script  # one array task per sweep job
     assert any(line.startswith("srun ") and "submitit.core._submit" in line for line in script)  # srun starts the 2 x 4 tasks
@@ -244,7 +244,8 @@ def test_gpu_checks_on_a_machine_with_or_without_gpus(monkeypatch):
 
 
 def test_the_slurm_example_asks_for_what_its_command_trains_on():
-    """examples/slurm/train.sbatch: its srun command composes and passes the checks, on the nodes and tasks it asks for."""
+    """examples/slurm/train.sbatch: its srun command composes and passes the checks, on the nodes and tasks it asks for,
+    with the CPUs a task of hydra/launcher=slurm asks for; it activates the environment mcl is installed in."""
     text = (REPO / "examples" / "slurm" / "train.sbatch").read_text()
     options = [line.split()[1].lstrip("-") for line in text.splitlines() if line.startswith("#SBATCH")]
     sbatch = {name: value for name, _, value in (o.partition("=") for o in options)}
@@ -254,6 +255,10 @@ def test_the_slurm_example_asks_for_what_its_command_trains_on():
         cfg = compose("train", overrides=args, return_hydra_config=True)
     assert (cfg.trainer.num_nodes, cfg.trainer.devices) == (int(sbatch["nodes"]), int(sbatch["ntasks-per-node"]))
     assert int(sbatch["gpus-per-node"]) == cfg.trainer.devices and int(sbatch["cpus-per-task"]) == cfg.data.num_workers + 1
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):  # what a sweep job of the same command asks for
+        launched = compose("train", overrides=[*args, "hydra/launcher=slurm"], return_hydra_config=True)
+    assert int(sbatch["cpus-per-task"]) == launched.hydra.launcher.cpus_per_task
     assert cfg.auto_resume and cfg.hydra.run.dir == "outputs/train/slurm-123"  # a requeued job (same id) finds its checkpoints
     assert sbatch["signal"] == "SIGUSR1@120" and "requeue" in sbatch
+    assert 'source "$VENV/bin/activate"' in [line.strip() for line in text.splitlines()]  # not commented out
     check_config(cfg, world_size=cfg.trainer.num_nodes * cfg.trainer.devices)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import pickle
 import warnings
 from pathlib import Path
@@ -94,13 +95,22 @@ def test_stl10_unlabelled_images_get_label_minus_one(tmp_path, trusted):
     assert (train.labels == -1).sum() == 4 and train.labels.max() < 10
 
 
-def test_tinyimagenet_official_layout_and_cache(tmp_path):
+def test_tinyimagenet_official_layout_and_cache(tmp_path, caplog):
     write_tinyimagenet(tmp_path / "data")
     cache_dir = tmp_path / "cache"
     base = tmp_path / "data" / "tiny-imagenet-200"
-    train, val = sources.tinyimagenet(str(tmp_path / "data"), num_classes=2, cache_dir=str(cache_dir))
+    with caplog.at_level(logging.INFO):
+        train, val = sources.tinyimagenet(str(tmp_path / "data"), num_classes=2, cache_dir=str(cache_dir))
     assert train.array.shape == (6, 64, 64, 3) and val.labels.tolist() == [0, 1]
     [cache] = cache_dir.glob("tinyimagenet-*.npz")
+    said = [r.getMessage() for r in caplog.records]  # what building the cache does, as it goes
+    assert said[0] == f"tinyimagenet: decoding the 8 JPEGs under {base} into memory, then kept in {cache} for later runs"
+    assert "tinyimagenet: train images decoded: 3 of 6" in said and said[-2].startswith(f"tinyimagenet: writing 0.00 GiB to {cache}")
+    assert said[-1].startswith("tinyimagenet: ready in ")
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        sources.tinyimagenet(str(tmp_path / "data"), num_classes=2, cache_dir=str(cache_dir))
+    assert [r.getMessage() for r in caplog.records] == [f"tinyimagenet: decoded images read from the cache {cache}"]
     assert not list(base.rglob("*.npz"))  # the dataset folder may be a read-only shared copy: nothing written there
     again, _ = sources.tinyimagenet(str(tmp_path / "data"), num_classes=2, cache_dir=str(cache_dir))
     assert np.array_equal(again.array, train.array)

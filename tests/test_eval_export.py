@@ -17,6 +17,7 @@ import torch
 import torchvision
 from conftest import make_cfg
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
 from mcl.eval.common import EvalError, load_checkpoint, write_result
@@ -210,6 +211,11 @@ def test_exported_backbone_loads_into_torchvision_resnet18_strictly(checkpoint, 
     namespace: dict = {}
     exec(printed.split("load it with:", 1)[1], namespace)
     torch.testing.assert_close(namespace["model"].eval()(x), module.backbone(x))
+    record = json.loads((tmp_path / "backbone.json").read_text())  # the input it expects, beside it
+    run = OmegaConf.load(checkpoint.parent.parent / "config_resolved.yaml")
+    assert (record["image_size"], record["mean"], record["std"]) == (16, list(run.dataset.mean), list(run.dataset.std))
+    assert record["dataset"] == "npz" and (record["arch"], record["width"], record["encoder"]) == ("resnet18", 64, "query")
+    assert f"its input: 16 x 16 px RGB images scaled to [0, 1], normalised with mean {record['mean']}" in printed
     key_state = backbone_state_dict(module, "key")
     assert key_state.keys() == state.keys() and not all(torch.equal(key_state[k], state[k]) for k in state)  # the EMA copy differs
 

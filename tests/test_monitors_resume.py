@@ -4,6 +4,7 @@ resume that is the same run (same settings, same run dir)."""
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,6 +17,7 @@ from torch.utils.data import DistributedSampler
 from mcl.eval.common import datamodule_for, extract_features, load_checkpoint
 from mcl.monitors import knn_predict, topk_accuracy, unpad_distributed
 from mcl.reliability import CONFIG_KEY, CheckpointError, ResumableCSVLogger, run_changes
+from mcl.report import load_runs, write_report
 from mcl.train import CONF_DIR, build, print_summary, resume_in_run_dir, train
 
 EVAL_BATCH = 128  # with limit_val_batches=1: the first 128 images of each split
@@ -122,23 +124,51 @@ def test_resume_in_run_dir_points_hydra_at_the_checkpoints_run(tiny_run, tmp_pat
     out = tiny_run[0]
     ckpt = out / "checkpoints" / "last.ckpt"
     resumed = resume_in_run_dir([f"ckpt_path={ckpt}", "trainer.max_epochs=3"])
-    assert resumed == [f"hydra.run.dir='{out.resolve()}'", "hydra.output_subdir=.hydra/resumed"]
+    assert resumed == [f"hydra.run.dir='{out.resolve()}'", "hydra.output_subdir=null"]
     assert resume_in_run_dir([f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path}"]) == []  # a run dir of its own wins
     assert resume_in_run_dir(["-m", f"ckpt_path={ckpt}"]) == [] and resume_in_run_dir(["seed=1"]) == []
     assert resume_in_run_dir([f"ckpt_path={tmp_path / 'x.ckpt'}"]) == []  # no run dir found: Hydra's default
 
 
+def snapshot(run_dir: Path) -> dict[str, bytes]:
+    """Every file under a run dir, byte for byte."""
+    return {str(f.relative_to(run_dir)): f.read_bytes() for f in sorted(run_dir.rglob("*")) if f.is_file()}
+
+
+def report_of(run_dir: Path, out: Path) -> tuple[list[str], str]:
+    """What mcl.report reads of a run dir (each run's status) and the report.md it writes (elsewhere: never into the run)."""
+    return [job.status for job in load_runs(run_dir)], write_report([run_dir], out).read_text()
+
+
 @pytest.mark.slow
-def test_resumed_cli_run_continues_in_the_checkpoints_run_dir(tmp_path):
+def test_resumed_cli_run_continues_in_the_checkpoints_run_dir_and_keeps_its_records(tmp_path):
+    """A refused resume writes nothing into the run it names; one that starts appends to its records."""
     run_dir = tmp_path / "run"
     first = run_cli([*RUN, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
+    before, report_before = snapshot(run_dir), report_of(run_dir, tmp_path / "report_before")
+    assert json.loads(before["job.json"])["status"] == "completed" and report_before[0] == ["completed"]
+    ckpt = f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}"
+
+    refused = run_cli([*RUN, ckpt, "mining.negative=gradient"], cwd=tmp_path)
+    assert refused.returncode != 0 and "belongs to a run with other settings" in refused.stderr
+    assert snapshot(run_dir) == before  # no job.json "failed", no .hydra/resumed/, nothing else
+    assert report_of(run_dir, tmp_path / "report_after") == report_before
+    assert not (tmp_path / "outputs").exists()
+
     rows_before = list(csv.DictReader(open(run_dir / "metrics.csv")))
-    resumed = run_cli([*RUN, f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "trainer.max_epochs=2"], cwd=tmp_path)
+    resumed = run_cli([*RUN, ckpt, "trainer.max_epochs=2"], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"output dir:        {run_dir}" in resumed.stdout and not (tmp_path / "outputs").exists()
-    assert "ckpt_path" not in (run_dir / ".hydra" / "overrides.yaml").read_text()  # the run's own record stays
-    assert "ckpt_path" in (run_dir / ".hydra" / "resumed" / "overrides.yaml").read_text()
+    assert (run_dir / ".hydra" / "overrides.yaml").read_bytes() == before[".hydra/overrides.yaml"]  # the run's own record stays
+    assert "ckpt_path" in (run_dir / ".hydra" / "resumed" / "1" / "overrides.yaml").read_text()
+    # the config it replaced is kept, the new one says 2 epochs
+    assert (run_dir / ".hydra" / "resumed" / "1" / "previous_config_resolved.yaml").read_bytes() == before["config_resolved.yaml"]
+    assert OmegaConf.load(run_dir / "config_resolved.yaml").trainer.max_epochs == 2
+    record = json.loads((run_dir / "job.json").read_text())
+    assert record["status"] == "completed" and any("ckpt_path" in o for o in record["overrides"])
+    assert record["earlier"] == [json.loads(before["job.json"])]  # appended, not replaced
+    assert report_of(run_dir, tmp_path / "report_resumed")[0] == ["completed"]
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
     rows = list(csv.DictReader(open(run_dir / "metrics.csv")))  # the first part's rows are kept, the new ones appended
     assert [r["step"] for r in rows[: len(rows_before)]] == [r["step"] for r in rows_before]

@@ -1,8 +1,8 @@
 """Both notebooks execute (nbclient) against a tiny sweep and one of its checkpoints, made here.
 
 Jupyter starts a kernel in the notebook's folder: the ablation notebook runs from notebooks/,
-given a path relative to the repository root as the command line takes it; the gallery runs
-from elsewhere with an absolute path.
+given a path relative to that folder; the gallery runs from elsewhere with a path relative to there.
+Neither changes its working directory.
 """
 
 from __future__ import annotations
@@ -14,6 +14,9 @@ import nbformat
 import pytest
 from conftest import MICRO, REPO, run_cli
 from nbclient import NotebookClient
+from omegaconf import OmegaConf
+
+from mcl.records import with_run_paths
 
 SMALL = [
     *MICRO,
@@ -52,7 +55,7 @@ def text(nb: nbformat.NotebookNode) -> str:
 
 @pytest.mark.slow
 def test_gallery_notebook_draws_a_checkpoint_mining(sweep, tmp_path, monkeypatch):
-    ckpt = sweep / "1" / "checkpoints" / "last.ckpt"  # the gradient-band job
+    ckpt = os.path.relpath(sweep / "1" / "checkpoints" / "last.ckpt", tmp_path)  # the gradient-band job, from where it runs
     nb = execute("mined_gallery.ipynb", f'CKPT = "{ckpt}"\nNUM_QUERIES = 3\nSEED = 0\nSTATS_QUERIES = 8', tmp_path, monkeypatch)
     assert len(outputs(nb, "image/png")) == 1  # the panel
     printed = text(nb)
@@ -61,8 +64,8 @@ def test_gallery_notebook_draws_a_checkpoint_mining(sweep, tmp_path, monkeypatch
 
 
 @pytest.mark.slow
-def test_ablation_notebook_started_in_its_folder_reads_paths_from_the_repo(sweep, monkeypatch):
-    sweep_dir = os.path.relpath(sweep, REPO)  # as typed on the command line in the repository root
+def test_ablation_notebook_started_in_its_folder_reads_paths_from_there(sweep, monkeypatch):
+    sweep_dir = os.path.relpath(sweep, REPO / "notebooks")  # relative to where Jupyter runs it
     nb = execute(
         "ablation.ipynb", f'SWEEP_DIR = "{sweep_dir}"\nAVERAGE_OVER = ("seed",)', REPO / "notebooks", monkeypatch
     )  # where Jupyter starts it
@@ -70,3 +73,15 @@ def test_ablation_notebook_started_in_its_folder_reads_paths_from_the_repo(sweep
     assert "2 jobs: 2 completed, 0 failed" in table
     assert "| mining.negative | runs | kNN top-1 (%) |" in table and "| all | 1/1 |" in table and "| gradient | 1/1 |" in table
     assert len(outputs(nb, "image/png")) == 3  # accuracy, kNN over epochs, mining diagnostics
+
+
+def test_a_runs_relative_data_paths_read_from_where_that_run_started(tmp_path):
+    """A notebook or script elsewhere reads a run's data where the run read it (`data` under its launch folder)."""
+    run_dir = tmp_path / "outputs" / "run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create({"hydra": {"runtime": {"cwd": str(tmp_path / "lab")}}}), run_dir / ".hydra" / "hydra.yaml")
+    cfg = OmegaConf.create({"dataset": {"root": "data", "source": {"root": "data", "cache_dir": "/scratch/c"}}, "x": "data"})
+    fixed = with_run_paths(cfg, run_dir)
+    assert fixed.dataset.root == fixed.dataset.source.root == str(tmp_path / "lab" / "data")
+    assert fixed.dataset.source.cache_dir == "/scratch/c" and fixed.x == "data" and cfg.dataset.root == "data"  # the rest as it was
+    assert with_run_paths(cfg, tmp_path / "no_record").dataset.root == "data"  # no launch folder recorded: unchanged

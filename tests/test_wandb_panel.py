@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import csv
+import os
+import struct
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import make_cfg, run_cli
 from torch.nn import functional as F
+from wandb.proto import wandb_internal_pb2
 
 from mcl.panel import NOT_IN_BANK, draw, mine
-from mcl.train import build
+from mcl.train import build, train
 
 SMALL = ["debug=tiny", "dataset=digits", "dataset.image_size=16", "backbone.width=8", "data.batch_size=16", "model.queue_size=128"]
 
@@ -95,3 +101,90 @@ def test_wandb_offline_sweep_has_config_metrics_and_panel_per_job(tmp_path):
         # every 2 epochs: after the second epoch (epochs counted from 1, as in the report), not after the first; the same PNG in the run dir
         assert sorted(p.name for p in (sweep / job / "panels").iterdir()) == ["epoch002.png"]
     assert len(run_ids) == 2
+
+
+def wandb_run_records(path: Path) -> list:
+    """The run records (name, group, tags) of an offline `run-*.wandb` file. Its format is LevelDB's log: a 7-byte
+    file header (`:W&B`, magic, version), then 32 KiB blocks of chunks (crc 4, length 2, type 1: full, first,
+    middle, last) that carry serialised `Record` protobufs."""
+    data, block, pos, chunks, runs = path.read_bytes(), 32768, 7, b"", []
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a chunk header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunks, pos = chunks + data[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):  # a full record, or the last chunk of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(chunks)
+            chunks = b""
+            if record.WhichOneof("record_type") == "run":
+                runs.append(record.run)
+    return runs
+
+
+@pytest.mark.slow
+def test_wandb_sweep_without_a_key_runs_every_job_offline_grouped_by_variant(tmp_path):
+    """No API key, no netrc, no WANDB_MODE, no terminal: each job decides offline itself (W&B reads the environment
+    once a process, so a mode set in os.environ by job 0 would not reach job 1). Groups: one per variant, its seeds'."""
+    sweep, home = tmp_path / "sweep", tmp_path / "home"
+    home.mkdir()
+    args = ["-m", *SMALL, "logger=wandb", "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1"]
+    args += ["data.eval_batch_size=128", "seed=1,2", "mining.negative=all,gradient", f"hydra.sweep.dir={sweep}"]
+    env = {"HOME": str(home), "WANDB_MODE": None, "WANDB_API_KEY": None, "WANDB_DIR": None, "NETRC": None, "OMP_NUM_THREADS": "1"}
+    result = run_cli(args, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "failed" not in result.stderr and "Enter your choice" not in result.stdout + result.stderr
+    assert result.stdout.count("== mcl summary ==") == 4 and result.stdout.count("logging offline") == 4
+    runs = {}
+    for job, (seed, negative) in enumerate([(1, "all"), (1, "gradient"), (2, "all"), (2, "gradient")]):
+        files = list((sweep / str(job) / "wandb").glob("offline-run-*/run-*.wandb"))
+        assert len(files) == 1  # offline, in the job's own dir
+        (run,) = {(r.display_name, r.run_group, tuple(r.tags)) for r in wandb_run_records(files[0])}
+        runs[seed, negative] = run
+        assert run[0] == f"train_digits seed={seed} mining.negative={negative}"  # named by what the sweep varies
+        assert run[2] == (f"{tmp_path.name}/sweep",)  # the sweep dir's last two parts
+    for negative in ("all", "gradient"):
+        assert runs[1, negative][1] == runs[2, negative][1] == f"train_digits mining.negative={negative}"  # seeds share it
+    assert runs[1, "all"][1] != runs[1, "gradient"][1]
+
+
+def test_a_single_run_has_no_wandb_group_and_no_sweep_tag(tmp_path):
+    cfg = make_cfg(["logger=wandb", "seed=1"], tmp_path)  # composed outside a multirun
+    assert cfg.logger.wandb.group is None and list(cfg.logger.wandb.tags) == []
+
+
+@pytest.mark.slow
+def test_debug_tiny_logs_every_step_and_draws_the_panel_once(tmp_path):
+    """debug=tiny (2 epochs of 4 steps): train/loss and the mining diagnostics at each of the 8 steps, one panel after the last epoch."""
+    summary = train(make_cfg(["debug=tiny", "dataset=digits", "dataset.image_size=16", "backbone.width=8", "logger=csv"], tmp_path))
+    assert (summary["epochs"], summary["steps"]) == (2, 8)
+    with open(tmp_path / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    for column in ("train/loss", "mining/neg_kept_step"):
+        logged = [int(r["step"]) for r in rows if r.get(column)]
+        assert len(logged) == 8 and len(set(logged)) == 8, (column, logged)  # one value at every step
+    assert sorted(p.name for p in (tmp_path / "panels").iterdir()) == ["epoch002.png"]  # epochs trained, from 1: the panel after the 2nd
+
+
+def test_wandb_mode_is_decided_for_each_job_and_given_to_the_logger(tmp_path, monkeypatch):
+    """With a key: online; without one (no WANDB_API_KEY, no netrc): offline; the environment is left alone,
+    so the next job of a sweep decides again."""
+    from mcl.train import wandb_offline_unless_logged_in
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("NETRC", str(tmp_path / "no_netrc"))
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    with_key = make_cfg(["logger=wandb"], tmp_path)
+    wandb_offline_unless_logged_in(with_key)
+    monkeypatch.delenv("WANDB_API_KEY")
+    without = make_cfg(["logger=wandb"], tmp_path)
+    wandb_offline_unless_logged_in(without)
+    assert (with_key.logger.wandb.mode, without.logger.wandb.mode) == ("online", "offline")
+    assert "WANDB_MODE" not in os.environ
+    monkeypatch.setenv("WANDB_MODE", "disabled")  # the user's choice wins
+    chosen = make_cfg(["logger=wandb"], tmp_path)
+    wandb_offline_unless_logged_in(chosen)
+    assert chosen.logger.wandb.mode == "disabled"

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 import warnings
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
+from http.client import HTTPException
 from pathlib import Path
 
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
@@ -44,12 +48,34 @@ class Images:
         if self.array is not None:
             return torch.from_numpy(self.array[i]).permute(2, 0, 1)
         with Image.open(self.paths[i]) as im:
-            return torch.from_numpy(np.asarray(im.convert("RGB"))).permute(2, 0, 1)
+            return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)  # a copy: PIL's buffer is read-only
 
 
 def _missing(name: str, path: Path, layout: str, download: bool | None = None) -> DatasetError:
     hint = " or pass dataset.download=true to fetch it" if download is False else ""
     return DatasetError(f"{name} not found at {path}. Expected layout: {layout}. Put the files there{hint}.")
+
+
+@contextmanager
+def _downloading(name: str, root: str, download: bool):
+    """dataset.download=true: a download that fails (no network: compute nodes often have none) is a DatasetError
+    saying how to stage the files, and the folders it created are removed again when they are left empty."""
+    if not download:
+        yield
+        return
+    created = [p for p in (Path(root), *Path(root).parents) if not p.exists()]  # deepest first
+    try:
+        yield
+    except (OSError, HTTPException) as err:
+        for folder in created:
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        raise DatasetError(
+            f"{name}: dataset.download=true could not download into {root} ({type(err).__name__}: {err}); is there a network "
+            f'here? Download it on a machine that has one (the same command, or python -c "from torchvision import datasets; '
+            f"datasets.{ {'cifar10': 'CIFAR10', 'cifar100': 'CIFAR100', 'stl10': 'STL10'}[name] }('{root}', download=True)\"), "
+            "copy the folder to paths.data_dir (or $MCL_DATA_DIR) and run without dataset.download=true (docs/datasets.md)"
+        ) from err
 
 
 def _checked(name: str, x: np.ndarray, y: np.ndarray, num_classes: int | None) -> Images:
@@ -79,7 +105,8 @@ def cifar(root: str, variant: str = "cifar10", download: bool = False, num_class
 
     cls = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}[variant]
     try:
-        splits = [cls(root, train=train, download=download) for train in (True, False)]
+        with _downloading(variant, root, download):
+            splits = [cls(root, train=train, download=download) for train in (True, False)]
     except RuntimeError as err:
         raise _missing(variant, Path(root) / cls.base_folder, f"{root}/{cls.base_folder}/ with the python batches", download) from err
     return tuple(_checked(variant, s.data, np.array(s.targets), num_classes) for s in splits)
@@ -90,7 +117,8 @@ def stl10(root: str, train_split: str = "train+unlabeled", download: bool = Fals
     from torchvision import datasets
 
     try:
-        splits = [datasets.STL10(root, split=s, download=download) for s in (train_split, "test")]
+        with _downloading("stl10", root, download):
+            splits = [datasets.STL10(root, split=s, download=download) for s in (train_split, "test")]
     except RuntimeError as err:
         raise _missing(
             "stl10", Path(root) / "stl10_binary", f"{root}/stl10_binary/ with train_X.bin, unlabeled_X.bin, ...", download
@@ -102,13 +130,17 @@ TINY_LAYOUT = "tiny-imagenet-200/{wnids.txt, train/<wnid>/images/*.JPEG, val/ima
 TINY_ARRAYS = ("x_train", "y_train", "x_test", "y_test")
 
 
-def _read_rgb(paths: list[Path]) -> np.ndarray:
-    def load(p: Path) -> np.ndarray:
+def _read_rgb(paths: list[Path], progress: str | None = None) -> np.ndarray:
+    """The images at `paths`, N x H x W x 3 uint8; `progress`: say `<progress>: i of N` at every tenth of them."""
+
+    def load(i: int, p: Path) -> np.ndarray:
+        if progress and i and i % max(1, len(paths) // 10) == 0:
+            rank_zero_info(f"{progress}: {i} of {len(paths)}")
         with Image.open(p) as im:
             return np.asarray(im.convert("RGB"))
 
     try:
-        return np.stack([load(p) for p in paths])
+        return np.stack([load(i, p) for i, p in enumerate(paths)])
     except ValueError as err:
         raise DatasetError(f"images under {paths[0].parent} do not all have the same size: {err}") from err
 
@@ -178,10 +210,20 @@ def tinyimagenet(root: str, num_classes: int | None = 200, cache_dir: str | None
         key = _files_key([annotations, *(p for p, _ in train), *(p for p, _ in val)])
         arrays = _read_cache(cache, key)
     if arrays is None:
-        splits = [(_read_rgb([p for p, _ in s]), np.array([c for _, c in s])) for s in (train, val)]
+        began = time.monotonic()
+        kept = f"then kept in {cache} for later runs" if cache is not None else "on every run (paths.cache_dir=null)"
+        rank_zero_info(f"tinyimagenet: decoding the {len(train) + len(val)} JPEGs under {base} into memory, {kept}")
+        splits = [
+            (_read_rgb([p for p, _ in s], f"tinyimagenet: {name} images decoded"), np.array([c for _, c in s]))
+            for name, s in (("train", train), ("val", val))
+        ]
         arrays = dict(zip(TINY_ARRAYS, (*splits[0], *splits[1])))
         if cache is not None:
+            rank_zero_info(f"tinyimagenet: writing {sum(a.nbytes for a in arrays.values()) / 2**30:.2f} GiB to {cache}")
             _write_cache(cache, key, arrays)
+        rank_zero_info(f"tinyimagenet: ready in {time.monotonic() - began:.0f} s")
+    else:
+        rank_zero_info(f"tinyimagenet: decoded images read from the cache {cache}")
     return (  # the cached copy passes the same checks as a fresh decode
         _checked("tinyimagenet", arrays["x_train"], arrays["y_train"], num_classes),
         _checked("tinyimagenet", arrays["x_test"], arrays["y_test"], num_classes),

@@ -16,24 +16,13 @@ from torch.utils.data import DataLoader
 
 from mcl.data.datamodule import ContrastiveDataModule
 from mcl.module import MCLModule
+from mcl.reliability import read_checkpoint
 
 RUN_CONFIG = "config_resolved.yaml"  # what mcl.train writes into every run dir
-REPO = Path(__file__).resolve().parents[2]  # the checkout mcl is installed from (editable), holding conf/
 
 
 class EvalError(ValueError):
     """A checkpoint or evaluation setting that cannot be used; raised before any work starts."""
-
-
-def work_from_repo() -> Path:
-    """Make the repository root the working directory, as on the command line, and return it.
-
-    Jupyter starts a notebook's kernel in the notebook's folder (notebooks/); after this call the
-    relative paths a notebook is given (a sweep dir, a checkpoint) and those in a run's config
-    (the data dir, `data` by default) read from the repository root, wherever the kernel started.
-    """
-    os.chdir(REPO)
-    return REPO
 
 
 def device_of(name: str) -> torch.device:
@@ -59,6 +48,7 @@ def load_checkpoint(ckpt_path: str | Path, run_config: str | None = None) -> tup
     if not ckpt_path.is_file():
         raise EvalError(f"ckpt_path={ckpt_path} is not a file (a .ckpt written by python -m mcl.train)")
     cfg = OmegaConf.load(find_run_config(ckpt_path, run_config))
+    read_checkpoint(ckpt_path)  # a truncated or foreign file: the CheckpointError training gives
     module = module_from_checkpoint(ckpt_path)
     return module.eval(), cfg
 

@@ -14,10 +14,11 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from mcl import runtime
 from mcl.eval.common import EvalError, datamodule_for, device_of, extract_features, labelled, load_checkpoint, write_result
 from mcl.monitors import knn_predict, topk_accuracy
 
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf" / "eval")
+CONF_DIR = str(Path(runtime.CONF_DIR) / "eval")  # the packaged conf/ or the checkout's
 
 
 def knn_settings(cfg: DictConfig) -> dict[str, Any]:
@@ -68,4 +69,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from mcl.runtime import run_cli
+
+    run_cli(main)  # a user's mistake: one message, no traceback

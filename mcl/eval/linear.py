@@ -32,12 +32,13 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
+from mcl import runtime
 from mcl.data import transforms
 from mcl.data.datamodule import OneView
 from mcl.eval.common import EvalError, datamodule_for, device_of, extract_features, labelled, load_checkpoint, write_result
 from mcl.monitors import topk_accuracy
 
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf" / "eval")
+CONF_DIR = str(Path(runtime.CONF_DIR) / "eval")  # the packaged conf/ or the checkout's
 
 
 class ProbeDivergedWarning(UserWarning):
@@ -255,4 +256,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from mcl.runtime import run_cli
+
+    run_cli(main)  # a user's mistake: one message, no traceback

@@ -82,7 +82,7 @@ class RankBand:
         for progress in (0.0, 1.0):
             lo, hi = self.edges(bank_size, progress)
             if hi - lo < 1:
-                raise ValueError(f"mining.negative {kind} [{lo}, {hi}) keeps zero negatives of {bank_size} candidates ({knobs})")
+                raise ValueError(f"{knobs}: the {kind} [{lo}, {hi}) keeps zero negatives of the {bank_size} candidates")
 
     def __call__(self, ctx: MiningContext) -> NegativeSelection:
         if self.warmup and not ctx.bank_full:
@@ -143,13 +143,15 @@ class GradientBandNegatives(RankBand):
         check_choice("unit", self.unit, ("fraction", "rank"))
         check_choice("rank_by", self.rank_by, RANK_BY)
         limit = 1.0 if self.unit == "fraction" else bank_size
-        for when, (a, b) in (("start", (self.start, self.end)), ("end", (self.final_start, self.final_end))):
+        for when, (lo, hi) in (("start", ("start", "end")), ("end", ("final_start", "final_end"))):
+            a, b = getattr(self, lo), getattr(self, hi)
             if not 0 <= a < b <= limit:
                 raise ValueError(
-                    f"mining.negative band edges at the {when} of training must satisfy 0 <= start < end <= {limit} "
-                    f"(unit={self.unit}, {bank_size} candidates), got start={a}, end={b}"
+                    f"mining.negative.{lo}={a}, mining.negative.{hi}={b}: the band kept at the {when} of training needs "
+                    f"0 <= {lo} < {hi} <= {limit} (mining.negative.unit={self.unit}"
+                    + (f", ranks of the {bank_size} candidates)" if self.unit == "rank" else ": fractions of the candidates)")
                 )
-        knobs = f"start={self.start}, end={self.end}, final_start={self.final_start}, final_end={self.final_end}"
+        knobs = ", ".join(f"mining.negative.{k}={getattr(self, k)}" for k in ("start", "end", "final_start", "final_end"))
         self.check_keeps_some("band", bank_size, knobs)
 
     def ranking(self, ctx: MiningContext) -> torch.Tensor:
@@ -183,7 +185,8 @@ class RingNegatives(RankBand):
                 raise ValueError(f"mining.negative.{name} must lie in (0, 1], got {value}")
         if not 0 <= self.inner < 1:
             raise ValueError(f"mining.negative.inner must lie in [0, 1), got {self.inner}")
-        self.check_keeps_some("ring", bank_size, f"outer={self.outer}, inner={self.inner}, initial_outer={self.initial_outer}")
+        knobs = ", ".join(f"mining.negative.{k}={getattr(self, k)}" for k in ("outer", "inner", "initial_outer"))
+        self.check_keeps_some("ring", bank_size, knobs)
 
     def ranking(self, ctx: MiningContext) -> torch.Tensor:
         return ctx.bank_sim.detach()  # similarity to the query
