@@ -30,6 +30,8 @@ class MiningContext:
     progress:    training progress in [0, 1], for scheduled knobs.
     positive:    B x K bool, the entries mined as positives with target mass (set by `select`
                  between the two strategies; None when nothing was mined): never negatives.
+    keep:        B x K bool, the entries the negative strategy keeps, for a positive strategy that
+                 runs after it (`after_negatives`: relational targets live on the kept entries).
     """
 
     query: torch.Tensor
@@ -42,6 +44,7 @@ class MiningContext:
     bank_full: bool = True
     progress: float = 0.0
     positive: torch.Tensor | None = None
+    keep: torch.Tensor | None = None
 
     @functools.cached_property
     def key_bank_sim(self) -> torch.Tensor:
@@ -60,12 +63,15 @@ class PositiveSelection:
     Rows of `weight` sum to 1, or to 0 where nothing was mined for that query. `lam` is the
     target weight of the augmented positive: t_i = lam * onehot(k_i) + (1 - lam) * weight_i,
     and rows with no mined weight fall back to lam = 1. lam = 0 (NNCLR): in the rows with mined
-    weight, k_i is no candidate either: it leaves the normaliser.
+    weight, k_i is no candidate either: it leaves the normaliser. `lam` may be a B x 1 tensor (SCE:
+    its own share per row). protect: the mined entries are positives, never negatives; False for
+    relational targets, which spread over the entries the negative strategy keeps.
     """
 
     index: torch.Tensor
     weight: torch.Tensor
-    lam: float = 1.0
+    lam: float | torch.Tensor = 1.0
+    protect: bool = True
 
 
 @dataclass
@@ -112,8 +118,9 @@ class AllNegatives:
 
 
 def mined_mask(pos: PositiveSelection, num_entries: int) -> torch.Tensor | None:
-    """B x K bool: entries with target mass (1 - lam) * w > 0; None when nothing is mined or lam = 1."""
-    if pos.index.shape[1] == 0 or pos.lam >= 1:
+    """B x K bool: entries with target mass (1 - lam) * w > 0; None when nothing is mined, lam = 1 or the
+    selection does not protect its entries (relational targets)."""
+    if pos.index.shape[1] == 0 or not pos.protect or (not isinstance(pos.lam, torch.Tensor) and pos.lam >= 1):
         return None
     mask = torch.zeros(pos.index.shape[0], num_entries, dtype=torch.bool, device=pos.index.device)
     return mask.scatter_(1, pos.index, pos.weight > 0)
@@ -121,7 +128,14 @@ def mined_mask(pos: PositiveSelection, num_entries: int) -> torch.Tensor | None:
 
 def select(ctx: MiningContext, positive, negative) -> tuple[PositiveSelection, NegativeSelection]:
     """Run both strategies on one direction: positives first (no gradient), then negatives, which see
-    the mined positives as `ctx.positive` (a debiased estimate must not count them as negatives)."""
+    the mined positives as `ctx.positive` (a debiased estimate must not count them as negatives).
+    A positive strategy with `after_negatives` (relational targets) runs second instead, on the
+    entries the negatives keep (`ctx.keep`)."""
+    if getattr(positive, "after_negatives", False):
+        neg = negative(ctx)
+        ctx.keep = None if neg.weight is None else neg.weight > 0  # B x K
+        with torch.no_grad():
+            return positive(ctx), neg
     with torch.no_grad():
         pos = positive(ctx)
     ctx.positive = mined_mask(pos, ctx.bank_sim.shape[1])

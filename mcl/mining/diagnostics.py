@@ -20,6 +20,8 @@ NAMES = (
     "neg_grad_share_kept",
     "neg_sim_kept",
     "neg_sim_dropped",
+    "target_purity",
+    "target_entropy",
 )
 
 
@@ -45,6 +47,13 @@ def diagnostic_sums(
         ratios["pos_kept"] = mined_kept.sum(), queries
         among = mined_kept & (mined_labels >= 0) & (query_labels[:, None] >= 0)
         ratios["pos_purity"] = ((mined_labels == query_labels[:, None]) & among).sum(), among.sum()
+        lam = pos.lam if isinstance(pos.lam, torch.Tensor) else sim.new_full((sim.shape[0], 1), float(pos.lam))  # B x 1
+        mined_rows = pos.weight.sum(dim=1, keepdim=True) > 0  # B x 1; rows without mined weight: all on k_i
+        lam = torch.where(mined_rows, lam.float(), 1.0)
+        mass = (1.0 - lam) * pos.weight.float()  # B x m: each mined entry's share of the target row
+        pure = (mined_labels == query_labels[:, None]) & among  # B x m
+        ratios["target_purity"] = (mass * pure).sum(), (mass * among).sum()
+        ratios["target_entropy"] = -(torch.special.xlogy(mass, mass).sum() + torch.special.xlogy(lam, lam).sum()), queries
 
     positive = mined_mask(pos, same.shape[1])  # B x K: mined entries with target mass are positives, not negatives
     positive = torch.zeros_like(same) if positive is None else positive
@@ -76,6 +85,9 @@ def mining_diagnostics(
       neg_grad_share_kept share of the full bank's InfoNCE gradient mass (softmax of s/tau over
                           every entry but the query's own image) carried by the kept negatives
       neg_sim_kept, neg_sim_dropped  mean cosine similarity of kept / dropped negatives to the query
+      target_purity       share of the mined target mass (1 - lam) w on entries with the query's label,
+                          among labelled ones (SCE, ReSSL: the relational targets' purity)
+      target_entropy      entropy (nats) of the target row [lam | (1 - lam) w], per query
     """
     sums, counts = diagnostic_sums(ctx, pos, neg, query_labels, bank_labels)  # N each
     defined = (counts > 0).tolist()  # the one host read
