@@ -51,6 +51,11 @@ class Direction:
     targets: torch.Tensor | None
 
 
+def float32(t: torch.Tensor) -> torch.Tensor:
+    """t in float32 at least: bf16/fp16 cast up, float32 and float64 as they are."""
+    return t if t.element_size() >= 4 else t.float()
+
+
 def build_targets(pos: PositiveSelection, num_bank: int, like: torch.Tensor) -> torch.Tensor | None:
     """B x (1+K) targets: lam on the augmented positive, (1-lam)*weight on the mined bank entries.
 
@@ -101,15 +106,17 @@ def contrast(
     image as the candidates' slot j): its mined targets are averaged with the key's.
     """
     with torch.autocast(q.device.type, enabled=False):
-        q, k = q.float(), k.float()
-        c = Candidates(candidates.keys.float(), candidates.index, candidates.labels, candidates.full)
+        q, k = float32(q), float32(k)
+        c = Candidates(float32(candidates.keys), candidates.index, candidates.labels, candidates.full)
         ctx = mining_context(q, k, index, c, tau, progress)
         pos, neg = select(ctx, positive, negative)
         sim = torch.cat([(q * k).sum(1, keepdim=True), ctx.bank_sim], dim=1)  # B x (1+K)
         targets = build_targets(pos, c.keys.shape[0], sim)
         if aux is not None:
-            aux_keys, aux_bank = aux[0].float(), aux[1]
-            aux_ctx = mining_context(q, aux_keys, index, Candidates(aux_bank.keys.float(), c.index, c.labels, aux_bank.full), tau, progress)
+            aux_keys, aux_bank = float32(aux[0]), aux[1]
+            aux_ctx = mining_context(
+                q, aux_keys, index, Candidates(float32(aux_bank.keys), c.index, c.labels, aux_bank.full), tau, progress
+            )
             aux_ctx.bank_sim, aux_ctx.keep = ctx.bank_sim, ctx.keep  # only the neighbour search reads the auxiliary bank
             with torch.no_grad():
                 aux_targets = build_targets(positive(aux_ctx), c.keys.shape[0], sim)
@@ -142,6 +149,6 @@ def neighbour_contrast(
     """One direction of NNCLR / SNCLR (p, z: the query view's prediction and projection, k: the other view's
     key, B x D each), in float32 under mixed precision. Returns the loss and `neighbour_diagnostics` (2 x N)."""
     with torch.autocast(index.device.type, enabled=False):
-        p, z, k = (t.float() if t.element_size() < 4 else t for t in (p, z, k))
+        p, z, k = float32(p), float32(z), float32(k)
         loss, weight, nn = rule.direction(p, z, k, bank, index, tau)
     return loss, neighbour_diagnostics(weight.detach(), nn.labels, labels)

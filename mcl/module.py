@@ -33,7 +33,7 @@ from torch.nn import functional as F
 
 from mcl.bank import MemoryBank
 from mcl.batchnorm import encode_views, shuffled, split_batchnorm
-from mcl.contrast import OBJECTIVES, Candidates, build_targets, contrast, mining_context, neighbour_contrast
+from mcl.contrast import OBJECTIVES, Candidates, build_targets, contrast, float32, mining_context, neighbour_contrast
 from mcl.mining.base import MiningContext
 from mcl.mining.diagnostics import diagnostic_sums
 from mcl.models import mlp
@@ -60,7 +60,7 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
 
 def unit(t: torch.Tensor) -> torch.Tensor:
     """L2-normalised rows, in float32 at least: bf16 outputs are cast up first, so the bank holds float32 unit keys."""
-    return F.normalize(t if t.element_size() >= 4 else t.float(), dim=1)
+    return F.normalize(float32(t), dim=1)
 
 
 class MCLModule(Monitors, L.LightningModule):
@@ -238,7 +238,7 @@ class MCLModule(Monitors, L.LightningModule):
                 loss, *selection = self.contrast(queries[a], keys[b], index, candidates, aux)
                 mined.append(selection)
                 with torch.autocast(index.device.type, enabled=False):
-                    sums.append(diagnostic_sums(*selection, labels, candidates.labels))
+                    sums.append(diagnostic_sums(*selection, labels, candidates.labels, self.objective == "infonce"))
             total = total + weight * loss
         return total, candidates, mined, sums
 

@@ -27,12 +27,18 @@ NAMES = (
 
 @torch.no_grad()
 def diagnostic_sums(
-    ctx: MiningContext, pos: PositiveSelection, neg: NegativeSelection, query_labels: torch.Tensor, bank_labels: torch.Tensor
+    ctx: MiningContext,
+    pos: PositiveSelection,
+    neg: NegativeSelection,
+    query_labels: torch.Tensor,
+    bank_labels: torch.Tensor,
+    negatives: bool = True,
 ) -> torch.Tensor:
     """2 x len(NAMES) on the device, without a host read: row 0 the sums, row 1 the counts; each
     diagnostic is sum / count, defined where count > 0 (see `mining_diagnostics` for the names).
 
-    query_labels: B; bank_labels: K (-1 = unknown).
+    query_labels: B; bank_labels: K (-1 = unknown). negatives=False (an objective without negatives,
+    BYOL's regression): the neg_* diagnostics stay undefined.
     """
     sim = ctx.bank_sim.detach().float()  # B x K
     same = query_labels[:, None] == bank_labels[None, :]  # B x K
@@ -55,6 +61,8 @@ def diagnostic_sums(
         ratios["target_purity"] = (mass * pure).sum(), (mass * among).sum()
         ratios["target_entropy"] = -(torch.special.xlogy(mass, mass).sum() + torch.special.xlogy(lam, lam).sum()), queries
 
+    if not negatives:
+        return torch.stack([torch.stack([total.float(), count.float()]) for total, count in ratios.values()], dim=1)  # 2 x N
     positive = mined_mask(pos, same.shape[1])  # B x K: mined entries with target mass are positives, not negatives
     positive = torch.zeros_like(same) if positive is None else positive
     own = ctx.self_mask
