@@ -347,3 +347,28 @@ def test_each_preset_trains_past_a_full_bank_with_finite_gradients(tmp_path, pre
         assert 0 <= metrics["target_purity"] <= 1 and 0 < metrics["target_entropy"] <= math.log(129)
     if preset in ("byol", "unmix"):  # no negatives, nothing mined
         assert not any(name.startswith(("neg_", "pos_", "target_")) for name in metrics)
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["per-image", "batched"])
+def test_cmsf_gets_a_third_weak_view_from_either_data_path(tmp_path, batched):
+    """data.extra_view=weak: (strong, weak, weak) views of each image, then index and label, on both data paths."""
+    cfg = make_cfg([*MICRO, "experiment=cmsf", "logger=none", "callbacks=none", f"data.batched_augment={str(batched).lower()}"], tmp_path)
+    cfg.trainer.max_epochs, cfg.trainer.limit_train_batches, cfg.trainer.limit_val_batches = 1, 2, 0
+    datamodule, module, trainer = build(cfg)
+    seen = []
+    module.training_step = lambda batch, i, step=module.training_step: seen.append(batch) or step(batch, i)
+    trainer.fit(module, datamodule)
+    x1, x2, x3, index, labels = seen[0]
+    assert x1.shape == x2.shape == x3.shape == (16, 3, 16, 16) and index.shape == labels.shape == (16,)
+    assert not torch.equal(x2, x3) and not torch.equal(x1, x3)  # three draws
+    assert torch.equal(labels, torch.from_numpy(datamodule.train_images.labels)[index])
+    assert module.aux_bank.num_written.item() == module.bank.num_written.item() == 32
+
+
+def test_aux_view_and_extra_view_go_together(tmp_path):
+    with pytest.raises(ConfigError, match=r"model.aux_view=True and data.extra_view=None go together"):
+        build(make_cfg(["experiment=cmsf", *SMALL, "data.extra_view=null"], tmp_path))
+    with pytest.raises(ConfigError, match=r"needs model.candidates=bank .* and a neighbour rule for mining.positive"):
+        build(make_cfg(["experiment=cmsf", *SMALL, "mining.positive=none"], tmp_path))
+    with pytest.raises(ConfigError, match=r"model.objective=regression regresses .* model.candidates=batch"):
+        build(make_cfg(["experiment=byol", *SMALL, "model.candidates=batch"], tmp_path))
