@@ -23,7 +23,7 @@ import torch
 from conftest import MICRO, make_cfg
 from torch.nn import functional as F
 
-from mcl.train import ConfigError, build, build_module
+from mcl.train import ConfigError, build, build_module, train
 from mcl.views import draw_mix
 
 B, K = 16, 32
@@ -372,3 +372,40 @@ def test_aux_view_and_extra_view_go_together(tmp_path):
         build(make_cfg(["experiment=cmsf", *SMALL, "mining.positive=none"], tmp_path))
     with pytest.raises(ConfigError, match=r"model.objective=regression regresses .* model.candidates=batch"):
         build(make_cfg(["experiment=byol", *SMALL, "model.candidates=batch"], tmp_path))
+
+
+DEMO = ["dataset=digits", "dataset.image_size=16", "backbone.width=16", "data.batch_size=32", "data.num_workers=0"]
+DEMO += ["data.augment.crop_scale=[0.6,1.0]", "data.augment.jitter=[0.4,0.4,0.0,0.0]", "data.augment.gray_prob=0.0"]
+DEMO += ["data.augment.flip_prob=0.0", "model.queue_size=256", "model.proj_hidden=512", "model.pred_hidden=512", "optim.warmup_epochs=1"]
+DEMO += [
+    "trainer=cpu",
+    "trainer.max_epochs=3",
+    "trainer.check_val_every_n_epoch=3",
+    "monitor.at_start=true",
+    "logger=none",
+    "callbacks=none",
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset,lr", [("byol", 0.3), ("sce", 1.0), ("ressl", 1.0)])
+def test_byol_sce_and_ressl_learn_the_digits(tmp_path, preset, lr):
+    """Three CPU epochs on the digits (the demo's recipe): kNN top-1 far above chance (0.1) and no collapse below the start."""
+    summary = train(make_cfg([f"experiment={preset}", *DEMO, f"optim.lr={lr}", "seed=0"], tmp_path / "run"))
+    before, after = summary["initial"]["val/knn_top1"], summary["val/knn_top1"]
+    assert after > 0.6, f"{preset}: kNN top-1 {after:.3f} after 3 epochs"
+    assert after >= before - 0.01, f"{preset}: kNN top-1 fell from {before:.3f} to {after:.3f}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["unmix", "cmsf"])
+def test_unmix_and_cmsf_resume_exactly(tmp_path, preset):
+    """UnMix's draws come from (data seed, step, batch) and CMSF's auxiliary bank is checkpointed: a run resumed
+    mid-epoch ends bit for bit where the uninterrupted one does."""
+    from test_resume import KEEP_ALL, assert_same_training_state, load, run
+
+    run(tmp_path / "whole", f"experiment={preset}", "model.pred_hidden=64", *KEEP_ALL)
+    run(tmp_path / "resumed", f"experiment={preset}", "model.pred_hidden=64", f"ckpt_path={tmp_path / 'whole' / 'kept' / 'step4.ckpt'}")
+    got, ref = (load(tmp_path / run_dir / "checkpoints" / "last.ckpt") for run_dir in ("resumed", "whole"))
+    assert_same_training_state(got, ref)
+    assert preset != "cmsf" or "aux_bank.keys" in ref["state_dict"]

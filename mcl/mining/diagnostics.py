@@ -44,7 +44,7 @@ def diagnostic_sums(
     same = query_labels[:, None] == bank_labels[None, :]  # B x K
     labelled = (query_labels[:, None] >= 0) & (bank_labels[None, :] >= 0)  # B x K
     zero = sim.new_zeros(())
-    queries = sim.new_tensor(float(sim.shape[0]))
+    queries = sim.new_full((), float(sim.shape[0]))  # a fill, not a host-to-device copy
     ratios = dict.fromkeys(NAMES, (zero, zero))  # name -> (sum, count)
 
     mined_kept = pos.weight > 0  # B x m
