@@ -239,7 +239,7 @@ class MCLModule(Monitors, L.LightningModule):
         if self.mixing == "none":
             return views, view_pairs(self.symmetric)
         seed = getattr(getattr(self._trainer, "datamodule", None), "order", None)
-        seed = 0 if seed is None or seed.seed is None else seed.seed  # data.seed: drawn once and checkpointed when null
+        seed = 0 if seed is None or seed.seed is None else seed.seed  # data.seed (drawn once, checkpointed); 0 without a trainer
         lam, box = draw_mix(seed, self.global_step, batch_idx, *views[1].shape[2:])
         return [views[0], views[1], *mix(views[1], lam, box)], view_pairs(self.symmetric, lam)
 
