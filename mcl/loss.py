@@ -42,3 +42,15 @@ def weighted_infonce(
     # 0 * -inf is nan: entries without target mass contribute exactly zero
     per_row = -(targets * log_prob.masked_fill(targets <= 0, 0.0)).sum(dim=1)  # B
     return per_row.mean()
+
+
+def weighted_regression(sim: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over rows of  sum_j t_ij * (2 - 2 s_ij): BYOL's normalised squared distance to each target.
+
+    sim:     B x (1+K) cosine similarities [p_i . k_i | p_i . candidates] of the normalised prediction.
+    targets: B x (1+K), rows summing to 1; None is one-hot on column 0: BYOL, 2 - 2 p_i . k_i.
+             MSF: 1/(1+k) on k_i and on each of its k bank neighbours.
+    """
+    if targets is None:
+        return (2.0 - 2.0 * sim[:, 0]).mean()
+    return (targets * (2.0 - 2.0 * sim)).sum(dim=1).mean()

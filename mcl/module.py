@@ -1,22 +1,21 @@
-"""The LightningModule: query encoder, EMA key encoder, memory bank and the mining strategies.
+"""The LightningModule: query encoder, EMA key encoder, memory bank, and a method as a composition.
 
-Symmetric MoCo v2 with pluggable mining. Per direction (query view a, key view b):
-    logits = [q_a . k_b | q_a . candidates] / tau               B x (1+K)
-    targets from the positive strategy, weights from the negative strategy,
-    loss = weighted_infonce(logits, targets, log(weights))       (mcl.loss)
-The candidates (where mined positives and negatives come from) are, with `model.candidates`:
-    bank   the memory bank of EMA keys (MoCo). As the lab's MoCo, only the keys of one direction
-           (view 2's, the keys of q1 -> k2) of all ranks are gathered and enqueued, after the
-           backward pass: each image has one key in the bank, and the bank read in a step never
-           contains that step's keys.
-    batch  both views' projections of the global batch, with gradient, one encoder, no bank
-           (SimCLR's NT-Xent: the query's own two views are excluded as its own image).
-    neighbours  the batch's keys and their top-k bank neighbours, with NNCLR's or SNCLR's loss
-           (mcl.neighbours, knobs under model.neighbours); the mining strategies stay none/all.
-Batch norm (mcl.batchnorm): the views go through the encoders as separate batches, every backbone
-BN normalises `model.bn_splits` groups apart, and the key batch is shuffled across the global
-batch before the key encoder (`model.shuffle_bn`): a query and its key never share BN statistics.
-The loss (similarities, logits, mining) runs in float32 under mixed precision.
+A method is views x candidates x positive mining x negative mining x objective, each chosen by config:
+    views       mcl.views: 2 views (symmetric, or one direction: model.symmetric), a third key-only view
+                (model.aux_view, CMSF) or UnMix's mixed views (model.mixing=unmix)
+    candidates  model.candidates: bank (MoCo's memory bank of EMA keys), batch (both views of the global
+                batch, SimCLR) or neighbours (the batch's keys and their bank neighbours: NNCLR and SNCLR's
+                own loss, mcl.neighbours, knobs under model.neighbours)
+    targets     mining.positive: none, nn, soft, hard, soft_hard, msf (neighbours), sce, ressl (relational)
+    negatives   mining.negative: all, gradient, ring, fn_elimination, hard, debiased
+    objective   model.objective: infonce (soft-target InfoNCE) or regression (BYOL's 2 - 2 p.t, weighted)
+One step: loss = sum over the views' pairs (a -> b, weight) of weight * contrast(q_a, k_b) (mcl.contrast).
+Only the keys of view 2 (those of q1 -> k2, as the lab's code) of all ranks are enqueued, after the
+backward pass: each image has one key in the bank, and the bank read in a step never holds that
+step's keys. Batch norm (mcl.batchnorm): each view its own batch for each encoder, every backbone BN
+normalises `model.bn_splits` groups apart, and the key batch is shuffled across the global batch
+before the key encoder (`model.shuffle_bn`). Queries and keys are normalised in float32, and the
+loss runs in float32, under mixed precision.
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ from __future__ import annotations
 import copy
 import functools
 import math
-from dataclasses import dataclass, replace
 from typing import Any
 
 import hydra
@@ -32,66 +30,34 @@ import lightning as L
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import DistributedSampler
 
 from mcl.bank import MemoryBank
 from mcl.batchnorm import encode_views, shuffled, split_batchnorm
-from mcl.loss import weighted_infonce
-from mcl.mining.base import MiningContext, NegativeSelection, PositiveSelection, select
-from mcl.mining.diagnostics import MiningMeter, diagnostic_sums
+from mcl.contrast import OBJECTIVES, Candidates, build_targets, contrast, float32, mining_context, neighbour_contrast
+from mcl.mining.base import MiningContext
+from mcl.mining.diagnostics import diagnostic_sums
 from mcl.models import mlp
-from mcl.monitors import knn_predict, topk_accuracy, unpad_distributed
+from mcl.monitors import Monitors
 from mcl.neighbours import NeighbourContrast
+from mcl.schedules import momentum_at, warmup_cosine
+from mcl.views import draw_mix, mix, view_pairs
+
+__all__ = ["MCLModule", "Candidates", "build_targets", "momentum_at", "warmup_cosine"]
 
 
-def momentum_at(base: float, progress: float, schedule: str) -> float:
-    """EMA momentum: constant, or cosine from `base` to 1 over training (BYOL)."""
-    if schedule == "const":
-        return base
-    return 1.0 - (1.0 - base) * (math.cos(math.pi * progress) + 1.0) / 2.0
+def unit(t: torch.Tensor) -> torch.Tensor:
+    """L2-normalised rows, in float32 at least: bf16 outputs are cast up first, so the bank holds float32 unit keys."""
+    return F.normalize(float32(t), dim=1)
 
 
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
-    """LR multiplier: linear warm-up, then cosine to 0."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
-
-
-def build_targets(pos: PositiveSelection, num_bank: int, like: torch.Tensor) -> torch.Tensor | None:
-    """B x (1+K) targets: lam on the augmented positive, (1-lam)*weight on the mined bank entries.
-
-    None when nothing was mined: the loss is then MoCo's cross-entropy on column 0.
-    """
-    if pos.index.shape[1] == 0:
-        return None
-    targets = like.new_zeros(like.shape[0], 1 + num_bank)
-    mined = pos.weight.sum(dim=1, keepdim=True) > 0  # B x 1; rows where something was mined
-    lam = torch.where(mined, torch.full_like(mined, pos.lam, dtype=like.dtype), torch.ones_like(mined, dtype=like.dtype))
-    targets[:, :1] = lam
-    targets[:, 1:].scatter_add_(1, pos.index, (1.0 - lam) * pos.weight)
-    return targets
-
-
-@dataclass
-class Candidates:
-    """The K entries a query is contrasted with: keys K x D, dataset index K and label K (-1 unknown)."""
-
-    keys: torch.Tensor
-    index: torch.Tensor
-    labels: torch.Tensor
-    full: bool = True  # every entry is a real key (the mining warm-up waits for this)
-
-
-class MCLModule(L.LightningModule):
+class MCLModule(Monitors, L.LightningModule):
     """All arguments are plain dicts from the Hydra config (saved in checkpoints as is).
 
     backbone: kwargs with `_target_` (conf/backbone/); mining: {"positive": ..., "negative": ...}
-    with `_target_` each; model: heads, bank, temperature, EMA, batch norm (conf/train.yaml
-    lists every knob and its default); optim: SGD + warm-up/cosine; monitor: kNN and
-    linear-probe settings; num_classes: for the monitors only. Checkpoints written before
-    model.bn_splits / shuffle_bn / proj_bn load with the behaviour they were trained with
-    (one BN batch of both views, a BN head).
+    with `_target_` each; model: heads, bank, temperature, EMA, batch norm, objective, views
+    (conf/train.yaml lists every knob and its default); optim: SGD + warm-up/cosine; monitor: kNN
+    and linear-probe settings; num_classes: for the monitors only. Checkpoints written before an
+    option existed load with the behaviour they were trained with (`model.get(knob, old value)`).
     """
 
     def __init__(
@@ -109,33 +75,29 @@ class MCLModule(L.LightningModule):
         self.bn_splits = model.get("bn_splits", 1)
         self.separate_views = self.bn_splits > 1 or model.get("shuffle_bn", False)  # False: the old one-batch shortcut
         self.backbone = split_batchnorm(hydra.utils.instantiate(backbone), self.bn_splits)
-        dim = self.backbone.out_dim
-        # checkpoints written before an option existed get the value that rebuilds their architecture
-        self.projector = mlp(
-            dim,
-            model["proj_hidden"],
-            model["proj_out"],
-            model["proj_layers"],
-            model.get("proj_last_bn", "plain"),
-            model.get("proj_bn", True),
-        )
-        self.predictor = (
-            mlp(model["proj_out"], model["pred_hidden"], model["proj_out"], 2, model.get("pred_last_bn", "none"))
-            if model["predictor"]
-            else nn.Identity()
-        )
-        candidates = model.get("candidates", "bank")
+        dim, out = self.backbone.out_dim, model["proj_out"]
+        bn, last_bn = model.get("proj_bn", True), model.get("proj_last_bn", "plain")
+        self.projector = mlp(dim, model["proj_hidden"], out, model["proj_layers"], last_bn, bn)
+        pred_last_bn = model.get("pred_last_bn", "none")
+        self.predictor = mlp(out, model["pred_hidden"], out, 2, pred_last_bn) if model["predictor"] else nn.Identity()
+        candidates, self.objective = model.get("candidates", "bank"), model.get("objective", "infonce")
         if candidates not in ("bank", "batch", "neighbours"):
             raise ValueError(f"model.candidates must be 'bank' (MoCo), 'batch' (SimCLR) or 'neighbours' (NNCLR, SNCLR), got {candidates!r}")
         if model.get("key_encoder", "ema") not in ("ema", "online"):
             raise ValueError(f"model.key_encoder must be 'ema' or 'online', got {model['key_encoder']!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"model.objective must be one of {OBJECTIVES}, got {self.objective!r}")
         self.in_batch = candidates == "batch"
         self.neighbours = NeighbourContrast(**model["neighbours"]) if candidates == "neighbours" else None
+        self.symmetric, self.mixing = model.get("symmetric", True), model.get("mixing", "none")
+        if self.mixing not in ("none", "unmix"):
+            raise ValueError(f"model.mixing must be 'none' or 'unmix', got {self.mixing!r}")
         online_keys = self.in_batch or model.get("key_encoder", "ema") == "online"
         self.shuffle_bn = model.get("shuffle_bn", False) and not online_keys  # online keys: no key encoder to shuffle for
         self.key_backbone = None if online_keys else copy.deepcopy(self.backbone).requires_grad_(False)
         self.key_projector = None if online_keys else copy.deepcopy(self.projector).requires_grad_(False)
-        self.bank = None if self.in_batch else MemoryBank(model["queue_size"], model["proj_out"])
+        self.bank = None if self.in_batch else MemoryBank(model["queue_size"], out)
+        self.aux_bank = MemoryBank(model["queue_size"], out) if model.get("aux_view", False) else None  # CMSF: the third view's keys
         self.positive = hydra.utils.instantiate(mining["positive"])
         self.negative = hydra.utils.instantiate(mining["negative"])
         if not self.in_batch:  # bad knobs fail here, before training; in-batch: at setup, when the batch is known
@@ -144,12 +106,9 @@ class MCLModule(L.LightningModule):
             self.neighbours.validate(model["queue_size"])
         self.num_classes = num_classes
         self.linear_probe = nn.Linear(dim, num_classes)
-        self._eval_feats: list[list[torch.Tensor]] = [[], []]
-        self._eval_labels: list[list[torch.Tensor]] = [[], []]
-        self._linear_pred: list[torch.Tensor] = []  # the linear probe's class per test image
+        self.init_monitors()
         self._pending: tuple[torch.Tensor, ...] | None = None  # keys to enqueue after backward
         self._ema_step = -1  # the optimizer step the key encoder was last moved at
-        self.mining_meter = MiningMeter()  # mining/* diagnostics, summed on the device between logging steps
         if model["channels_last"]:
             self.to(memory_format=torch.channels_last)
         if model["compile"]:  # in place: parameter names, checkpoints and the EMA update stay as they are
@@ -186,25 +145,26 @@ class MCLModule(L.LightningModule):
         """Backbone features (B x out_dim), what evaluation and export use."""
         return self.backbone(self._images(x))
 
-    def encode(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-        """Backbone features of view 1 (B x out_dim), projections [z1, z2], queries [q1, q2] and keys [k1, k2]
-        (B x D each; queries and keys normalised).
+    def encode(self, *images: torch.Tensor, key_only: int = 0) -> tuple[torch.Tensor, list, list, list]:
+        """Backbone features of view 1 (B x out_dim), projections z, queries q and keys k of the views (B x D
+        each; q and k normalised); the last `key_only` views go through the key encoder only (CMSF's third).
 
         Each view is its own batch for each encoder (unless bn_splits=1 and shuffle_bn=false); the
         key encoder sees a shuffled slice of the global batch when shuffle_bn is on.
         """
-        views = [self._images(x1), self._images(x2)]
-        features = encode_views(self.backbone, views, self.separate_views)  # [B x out_dim] x 2
-        z = encode_views(self.projector, features, self.separate_views)  # [B x D] x 2
-        queries = [F.normalize(t, dim=1) for t in encode_views(self.predictor, z, self.separate_views)]
+        views = [self._images(x) for x in images]
+        online = views[: len(views) - key_only]
+        features = encode_views(self.backbone, online, self.separate_views)  # [B x out_dim] x views
+        z = encode_views(self.projector, features, self.separate_views)  # [B x D] x views
+        queries = [unit(t) for t in encode_views(self.predictor, z, self.separate_views)]
         if self.key_backbone is None:  # one encoder: the keys are the online projections, with gradient
-            return features[0], z, queries, [F.normalize(t, dim=1) for t in z]
+            return features[0], z, queries, [unit(t) for t in z]
         with torch.no_grad():
             key_encoder = lambda x: self.key_projector(self.key_backbone(x))  # noqa: E731
             if self.shuffle_bn:
                 broadcast = (lambda t: self.all_gather(t)[0]) if self.world_size > 1 else (lambda t: t)  # rank 0's, on every device
                 key_encoder = functools.partial(shuffled, key_encoder, gather=self.gather, broadcast=broadcast, rank=self.global_rank)
-            keys = [F.normalize(t, dim=1) for t in encode_views(key_encoder, views, self.separate_views)]
+            keys = [unit(t) for t in encode_views(key_encoder, views, self.separate_views)]
         return features[0], z, queries, keys
 
     @torch.no_grad()
@@ -224,106 +184,79 @@ class MCLModule(L.LightningModule):
         return min(1.0, self.global_step / total) if total and math.isfinite(total) else 0.0
 
     # --- loss ---------------------------------------------------------------------------
-    def bank_candidates(self) -> Candidates:
-        """The memory bank as it is now (before this step's enqueue), without gradient."""
-        bank = self.bank
+    def bank_candidates(self, bank: MemoryBank | None = None) -> Candidates:
+        """A memory bank (the main one unless given) as it is now (before this step's enqueue), without gradient."""
+        bank = self.bank if bank is None else bank
         return Candidates(bank.keys.detach(), bank.indices, bank.labels, bank.is_full)
 
-    def batch_candidates(self, keys: torch.Tensor, index: torch.Tensor, labels: torch.Tensor) -> Candidates:
-        """model.candidates=batch: this step's keys (2B x D, with gradient) of every rank, in rank order."""
-        keys = self.gather(keys, sync_grads=True)  # gradient flows back to each rank's own keys
-        return Candidates(keys, self.gather(index), self.gather(labels))
-
-    def mining_context(self, q: torch.Tensor, k: torch.Tensor, index: torch.Tensor, candidates: Candidates | None = None) -> MiningContext:
-        """What the mining strategies see: q, k B x D normalised, index B dataset indices; candidates: the
-        bank when None (the panel calls this too)."""
-        c = self.bank_candidates() if candidates is None else candidates
-        return MiningContext(
-            query=q,
-            key=k,
-            bank_keys=c.keys,
-            bank_sim=q @ c.keys.T,  # B x K
-            bank_index=c.index,
-            batch_index=index,
-            temperature=self.cfg_model["temperature"],
-            bank_full=c.full,
-            progress=self.progress,
+    def candidates(self, keys: list[torch.Tensor], index: torch.Tensor, labels: torch.Tensor) -> Candidates:
+        """The bank, or with model.candidates=batch the keys of views 1 and 2 (2B x D, with gradient) of every rank."""
+        if not self.in_batch:
+            return self.bank_candidates()
+        both = torch.cat(keys[:2])  # 2B x D
+        return Candidates(
+            self.gather(both, sync_grads=True), self.gather(torch.cat([index, index])), self.gather(torch.cat([labels, labels]))
         )
 
-    def contrast(
-        self, q: torch.Tensor, k: torch.Tensor, index: torch.Tensor, candidates: Candidates | None = None
-    ) -> tuple[torch.Tensor, MiningContext, PositiveSelection, NegativeSelection]:
-        """One direction of the loss. q, k: B x D normalised; index: B dataset indices; candidates: the bank when None.
+    def mining_context(self, q: torch.Tensor, k: torch.Tensor, index: torch.Tensor, candidates: Candidates | None = None) -> MiningContext:
+        """What the mining strategies see (the panel calls this too); candidates: the bank when None."""
+        c = self.bank_candidates() if candidates is None else candidates
+        return mining_context(q, k, index, c, self.cfg_model["temperature"], self.progress)
 
-        Runs in float32 under mixed precision: B x K similarities in bf16 would round the logits
-        (and the mining ranks) to 2-3 significant digits.
-        """
-        tau = self.cfg_model["temperature"]
-        with torch.autocast(q.device.type, enabled=False):
-            q, k = q.float(), k.float()
-            c = self.bank_candidates() if candidates is None else candidates
-            ctx = self.mining_context(q, k, index, replace(c, keys=c.keys.float()))
-            bank_keys, bank_sim = ctx.bank_keys, ctx.bank_sim  # K x D, B x K
-            pos, neg = select(ctx, self.positive, self.negative)
-            logits = torch.cat([(q * k).sum(1, keepdim=True), bank_sim], dim=1) / tau  # B x (1+K)
-            targets = build_targets(pos, bank_keys.shape[0], logits)
-            log_weight = None
-            if neg.weight is not None:
-                weight = neg.weight if ctx.positive is None else neg.weight.masked_fill(ctx.positive, 1.0)  # mined positives stay in Z
-                log_weight = F.pad(weight.log(), (1, 0))  # B x (1+K), 0 for the augmented positive
-            if pos.lam == 0 and targets is not None:  # NNCLR: where a neighbour replaced k_i, k_i is no candidate at all
-                augmented = F.pad((targets[:, :1] > 0).to(logits.dtype).log(), (0, bank_keys.shape[0]))  # B x (1+K): -inf on k_i if mined
-                log_weight = augmented if log_weight is None else log_weight + augmented
-            loss = weighted_infonce(logits, targets, log_weight, neg.log_mass)
-        return loss, ctx, pos, neg
+    def contrast(self, q: torch.Tensor, k: torch.Tensor, index: torch.Tensor, candidates: Candidates | None = None, aux=None) -> tuple:
+        """One direction (mcl.contrast): (loss, MiningContext, PositiveSelection, NegativeSelection); the bank when None."""
+        c = self.bank_candidates() if candidates is None else candidates
+        d = contrast(q, k, index, c, self.positive, self.negative, self.objective, self.cfg_model["temperature"], self.progress, aux)
+        return d.loss, d.ctx, d.pos, d.neg
 
-    def symmetric_loss(
-        self, q1: torch.Tensor, q2: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, index: torch.Tensor, labels: torch.Tensor
-    ) -> tuple[torch.Tensor, Candidates, list, list]:
-        """0.5 * (contrast(q1, k2) + contrast(q2, k1)) against the bank, or against both views of the batch."""
-        if self.in_batch:
-            candidates = self.batch_candidates(torch.cat([k1, k2]), torch.cat([index, index]), torch.cat([labels, labels]))
-        else:
-            candidates = self.bank_candidates()
-        loss12, *mined12 = self.contrast(q1, k2, index, candidates)
-        loss21, *mined21 = self.contrast(q2, k1, index, candidates)
-        return 0.5 * (loss12 + loss21), candidates, mined12, mined21
+    def step_loss(self, queries: list, z: list, keys: list, index: torch.Tensor, labels: torch.Tensor, pairs: list) -> tuple:
+        """sum over pairs (a, b, weight) of weight * loss(q_a -> k_b). Returns the loss, the candidates (None
+        with neighbours), each direction's (ctx, pos, neg) (not with neighbours) and its diagnostic sums (2 x N)."""
+        candidates = None if self.neighbours is not None else self.candidates(keys, index, labels)
+        aux = None if self.aux_bank is None else (keys[-1], self.bank_candidates(self.aux_bank))
+        total, mined, sums = 0.0, [], []
+        for a, b, weight in pairs:
+            if self.neighbours is not None:  # NNCLR / SNCLR's own loss
+                loss, s = neighbour_contrast(
+                    self.neighbours, queries[a], z[a], keys[b], self.bank, index, labels, self.cfg_model["temperature"]
+                )
+                sums.append(s)
+            else:
+                loss, *selection = self.contrast(queries[a], keys[b], index, candidates, aux)
+                mined.append(selection)
+                with torch.autocast(index.device.type, enabled=False):
+                    sums.append(diagnostic_sums(*selection, labels, candidates.labels, self.objective == "infonce"))
+            total = total + weight * loss
+        return total, candidates, mined, sums
+
+    def symmetric_loss(self, q1, q2, k1, k2, index: torch.Tensor, labels: torch.Tensor) -> tuple:
+        """0.5 * (contrast(q1, k2) + contrast(q2, k1)), the candidates and both directions' (ctx, pos, neg)."""
+        loss, candidates, mined, _ = self.step_loss([q1, q2], [q1, q2], [k1, k2], index, labels, view_pairs(True))
+        return loss, candidates, *mined
+
+    def step_views(self, views: list[torch.Tensor], batch_idx: int) -> tuple[list[torch.Tensor], list]:
+        """The step's views and (query view, key view, weight) pairs (mcl.views); UnMix mixes view 2 here."""
+        if self.mixing == "none":
+            return views, view_pairs(self.symmetric)
+        seed = getattr(getattr(self._trainer, "datamodule", None), "order", None)
+        seed = 0 if seed is None or seed.seed is None else seed.seed  # data.seed (drawn once, checkpointed); 0 without a trainer
+        lam, box = draw_mix(seed, self.global_step, batch_idx, *views[1].shape[2:])
+        return [views[0], views[1], *mix(views[1], lam, box)], view_pairs(self.symmetric, lam)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        x1, x2, index, labels = batch
+        *views, index, labels = batch
         self._update_key_encoder()
-        features1, (z1, z2), (q1, q2), (k1, k2) = self.encode(x1, x2)  # B x out_dim; B x D each
-        if self.neighbours is not None:  # NNCLR / SNCLR: in-batch keys and their bank neighbours
-            loss, sums = self.neighbours(((q1, z1, k2), (q2, z2, k1)), self.bank, index, labels, self.cfg_model["temperature"])
-        else:
-            loss, candidates, *directions = self.symmetric_loss(q1, q2, k1, k2, index, labels)
-            with torch.autocast(x1.device.type, enabled=False):
-                sums = [diagnostic_sums(ctx, pos, neg, labels, candidates.labels) for ctx, pos, neg in directions]
-        self._log_mining(sums, x1.shape[0])
+        views, pairs = self.step_views(views, batch_idx)
+        key_only = 1 if self.aux_bank is not None else 0
+        features1, z, queries, keys = self.encode(*views, key_only=key_only)  # B x out_dim; [B x D] per view
+        loss, _, _, sums = self.step_loss(queries, z, keys, index, labels, pairs)
+        self._log_mining(sums, index.shape[0])
         probe_loss = F.cross_entropy(self.linear_probe(features1.detach()), labels, ignore_index=-1)
-        if not self.in_batch:
-            self._pending = (k2.detach(), index, labels)  # one key an image: view 2's, as the lab enqueues the keys of q1 -> k2
-        self.log("train/loss", loss, sync_dist=True)
+        if self.bank is not None:  # one key an image: view 2's, as the lab enqueues the keys of q1 -> k2
+            self._pending = (keys[1].detach(), index, labels, keys[-1].detach() if key_only else None)
+        self.log("train/loss", loss, sync_dist=True)  # no prog_bar: the bar reads it at its refreshes only (mcl.callbacks)
         self.log("train/linear_loss", probe_loss, sync_dist=True)
         return loss + probe_loss
-
-    def _log_mining(self, sums: list[torch.Tensor], batch_size: int) -> None:
-        """`mining/*` diagnostics (mcl.mining.diagnostics; the two directions' sums), averaged over the directions.
-
-        They accumulate on the device (no host read in a step that does not log) and are read at
-        Lightning's logging steps (trainer.log_every_n_steps): `mining/<name>_step` is the mean over
-        the steps since the last logging step, `mining/<name>_epoch` (on_train_epoch_end) the mean
-        over the epoch; a diagnostic undefined in a step (e.g. purity before mining starts) does
-        not count there. Each rank logs its own batches, without a collective.
-        """
-        self.mining_meter.update(*sums)
-        if self._trainer is None or self.trainer._logger_connector.should_update_logs:
-            for name, value in self.mining_meter.read("interval").items():
-                self.log(f"mining/{name}_step", value, on_step=True, on_epoch=False, batch_size=batch_size)
-
-    def on_train_epoch_end(self) -> None:
-        for name, value in self.mining_meter.read("epoch").items():
-            self.log(f"mining/{name}_epoch", value, on_step=False, on_epoch=True)
 
     @torch.no_grad()
     def on_after_backward(self) -> None:
@@ -335,50 +268,11 @@ class MCLModule(L.LightningModule):
         """
         if self._pending is None:
             return
-        (keys, index, labels), self._pending = self._pending, None
-        self.bank.enqueue(self.gather(keys), self.gather(index), self.gather(labels))  # (world_size*B) x D
-
-    # --- monitors -----------------------------------------------------------------------
-    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        x, y = batch
-        feats = self(x)
-        self._eval_feats[dataloader_idx].append(feats.float())
-        self._eval_labels[dataloader_idx].append(y)
-        if dataloader_idx == 1:
-            self._linear_pred.append(self.linear_probe(feats).argmax(1))  # B
-
-    def _whole_split(self, tensors: list[torch.Tensor], dataloader_idx: int) -> list[torch.Tensor]:
-        """This rank's per-batch tensors -> the split's rows as every rank evaluated them, each image once.
-
-        Under DDP the DistributedSampler pads each split to a multiple of the world size with
-        repeated images; they are dropped here (`unpad_distributed`), so no image votes or is
-        scored twice.
-        """
-        tensors = [torch.cat(t) for t in tensors]
-        sampler = getattr(self.trainer.val_dataloaders[dataloader_idx], "sampler", None)
-        if self.trainer.world_size == 1 or not isinstance(sampler, DistributedSampler):
-            return tensors  # every rank evaluated the whole split itself
-        return [unpad_distributed(t, sampler) for t in self.all_gather(tensors)]  # W x n x ... -> N' x ...
-
-    def on_validation_epoch_end(self) -> None:
-        """Logs val/knn_top1, val/knn_top5 and val/linear_top1 on the test split, with
-        val/knn_memory_size (training images that voted) and val/knn_queries (test images scored):
-        fewer than the splits hold when trainer.limit_val_batches < 1."""
-        feats, labels, linear = self._eval_feats, self._eval_labels, self._linear_pred  # [train split, test split] each
-        self._eval_feats, self._eval_labels, self._linear_pred = [[], []], [[], []], []
-        if not (feats[0] and feats[1]):  # a split without batches (e.g. limit_val_batches=0)
-            return
-        memory, memory_labels = self._whole_split([feats[0], labels[0]], 0)  # N x D, N
-        query, query_labels, linear = self._whole_split([feats[1], labels[1], linear], 1)  # Q x D, Q, Q
-        voters = memory_labels >= 0  # unlabelled images (STL-10) cannot vote
-        k, t = self.cfg_monitor["knn_k"], self.cfg_monitor["knn_t"]
-        scores = knn_predict(query, memory[voters], memory_labels[voters], self.num_classes, k, t)  # Q x C
-        scored = query_labels >= 0
-        self.log("val/knn_top1", topk_accuracy(scores[scored], query_labels[scored]), sync_dist=False)
-        self.log("val/knn_top5", topk_accuracy(scores[scored], query_labels[scored], 5), sync_dist=False)
-        self.log("val/linear_top1", (linear[scored] == query_labels[scored]).float().mean(), sync_dist=False)
-        self.log("val/knn_memory_size", float(voters.sum()), sync_dist=False)
-        self.log("val/knn_queries", float(scored.sum()), sync_dist=False)
+        (keys, index, labels, aux), self._pending = self._pending, None
+        index, labels = self.gather(index), self.gather(labels)
+        self.bank.enqueue(self.gather(keys), index, labels)  # (world_size*B) x D
+        if aux is not None:  # CMSF: the third view's keys, in the same slots
+            self.aux_bank.enqueue(self.gather(aux), index, labels)
 
     # --- optimisation -------------------------------------------------------------------
     def configure_optimizers(self):

@@ -67,10 +67,11 @@ def mine(module: MCLModule, images: torch.Tensor, num_positives: int = 5, num_ne
         kept = [j for j in order.tolist() if keep[i, j] and not positive[i, j]][:num_negatives]
         dropped = [j for j in order.tolist() if not keep[i, j] and not positive[i, j]][:num_negatives]
         mined = sorted(((int(j), float(w)) for j, w in zip(pos.index[i], pos.weight[i]) if w > 0), key=lambda jw: -jw[1])
+        lam = float(pos.lam[i]) if isinstance(pos.lam, torch.Tensor) else float(pos.lam)  # SCE: a share per row
         out.append(
             Mined(
-                lam=float(pos.lam) if mined else 1.0,
-                positives=[(j, (1.0 - pos.lam) * w) for j, w in mined[:num_positives]],
+                lam=lam if mined else 1.0,
+                positives=[(j, (1.0 - lam) * w) for j, w in mined[:num_positives]],
                 kept=[(j, float(ctx.bank_sim[i, j])) for j in kept],
                 dropped=[(j, float(ctx.bank_sim[i, j])) for j in dropped],
             )

@@ -69,6 +69,7 @@ def check_config(cfg: DictConfig, world_size: int) -> None:
                 )
     if cfg.model.candidates == "neighbours":
         check_neighbours(cfg)
+    check_composition(cfg)
     keys_per_step = cfg.data.batch_size * world_size
     if cfg.model.candidates != "batch" and cfg.model.queue_size % keys_per_step:
         raise ConfigError(
@@ -140,6 +141,37 @@ def check_neighbours(cfg: DictConfig) -> None:
         raise ConfigError(
             "callbacks.mining_panel draws what the mining strategies pick, and model.candidates=neighbours "
             "replaces them: remove it with ~callbacks.mining_panel (experiment=nnclr and snclr do)"
+        )
+
+
+def check_composition(cfg: DictConfig) -> None:
+    """Objective x candidates x mining x views: refuse the combinations that cannot mean anything."""
+    m, target = cfg.model, {side: str(cfg.mining[side]._target_).rsplit(".", 1)[-1] for side in ("positive", "negative")}
+    if m.objective == "regression" and m.candidates != "bank":
+        raise ConfigError(
+            f"model.objective=regression regresses the prediction onto EMA keys and bank entries, and model.candidates={m.candidates} "
+            f"has {'no bank' if m.candidates == 'batch' else 'its own loss (model.neighbours)'}: set model.candidates=bank"
+        )
+    if m.objective == "regression" and target["negative"] != "AllNegatives":
+        raise ConfigError(
+            f"model.objective=regression has no negatives, so mining.negative={cfg.mining.negative._target_} would change nothing: "
+            f"set mining.negative=all, or model.objective=infonce to mine negatives"
+        )
+    if target["positive"] == "RelationalPositives" and target["negative"] == "DebiasedNegatives":
+        raise ConfigError(
+            "relational positives (mining.positive=sce / ressl) spread their targets over every kept bank entry, so a debiased "
+            "estimate of the negatives' mass (mining.negative=hard / debiased) has no negatives to estimate: choose mining.negative="
+            "all, gradient, ring or fn_elimination"
+        )
+    if bool(m.aux_view) != (cfg.data.extra_view is not None):
+        raise ConfigError(
+            f"model.aux_view={m.aux_view} and data.extra_view={cfg.data.extra_view} go together: the auxiliary view is the data's "
+            "third view (experiment=cmsf sets model.aux_view=true data.extra_view=weak)"
+        )
+    if m.aux_view and (m.candidates != "bank" or target["positive"] in ("NoPositives", "RelationalPositives")):
+        raise ConfigError(
+            f"model.aux_view=true picks a second set of bank neighbours through the third view, which needs model.candidates=bank "
+            f"(got {m.candidates}) and a neighbour rule for mining.positive (nn, soft, hard, soft_hard, msf; got {target['positive']})"
         )
 
 

@@ -345,7 +345,7 @@ def sweep_jobs(path: Path) -> list[tuple[str, ...]]:
 
 
 PRESETS = sorted((Path(CONF_DIR) / "experiment").glob("*.yaml"))
-SWEEPS = sorted((Path(CONF_DIR) / "sweep").glob("*.yaml"))
+SWEEPS = sorted(p for p in (Path(CONF_DIR) / "sweep").glob("*.yaml") if p.stem != "lab_table")  # lab_table sweeps presets: its own test
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
@@ -384,3 +384,62 @@ def test_a_sweep_job_is_moco_v2_plus_its_grid_and_equals_the_preset_with_its_min
     assert owners == values | groups, f"{path.stem} names items that no job changes: {sorted(values | groups - owners)}"
     if path.stem in ("ablation", "negatives", "positives", "seeds"):
         assert matched, f"no {path.stem} job matched a preset"
+
+
+LAB_ROWS = {"moco_v2", "simclr", "byol", "nnclr", "nnclr_top5", "snclr", "sce", "ressl", "msf", "cmsf", "unmix", "paper_cifar10"}
+
+
+def test_the_lab_table_sweep_is_every_lab_row_and_each_job_is_its_preset():
+    """+sweep=lab_table: the lab's 11 rows and the paper's, 3 seeds; each job is moco_v2 plus exactly what its preset names."""
+    path = Path(CONF_DIR) / "sweep" / "lab_table.yaml"
+    params = yaml.safe_load(path.read_text())["hydra"]["sweeper"]["params"]
+    assert set(params["experiment"].split(",")) == LAB_ROWS and params["seed"].split(",") == ["1339", "1340", "1341"]
+    base = composed(("experiment=moco_v2",))
+    for job in sweep_jobs(path):
+        config = composed(job)
+        preset = next(arg.split("=", 1)[1] for arg in job if arg.startswith("experiment="))
+        _, values, groups = named(Path(CONF_DIR) / "experiment" / f"{preset}.yaml")
+        differ = {k for k in base.keys() | config.keys() if base.get(k, "<absent>") != config.get(k, "<absent>")}
+        assert not {k for k in differ if owner(k, values | {"seed"}, groups) is None}, f"{job} changes keys {preset} does not name"
+        alone = composed((f"experiment={preset}",))
+        assert {k for k in alone.keys() | config.keys() if alone.get(k) != config.get(k)} <= {"task_name", "seed"}, job
+    # the chosen dataset replaces paper_cifar10's: its job is paper_<dataset>
+    on_cifar100 = composed(("+sweep=lab_table", "experiment=paper_cifar10", "dataset=cifar100"))
+    paper = composed(("experiment=paper_cifar100",))
+    assert {k for k in paper.keys() | on_cifar100.keys() if paper.get(k) != on_cifar100.get(k)} == {"task_name"}
+
+
+def test_the_lab_table_composes_with_the_slurm_launcher_and_the_tiny_debug(tmp_path):
+    overrides = ["+sweep=lab_table", "hydra/launcher=slurm", "debug=tiny", "dataset=digits", "experiment=cmsf"]
+    with hydra.initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = hydra.compose("train", overrides=[*overrides, f"hydra.sweep.dir={tmp_path}"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher") and cfg.hydra.sweeper.params.experiment.startswith("moco_v2,")
+    assert cfg.model.aux_view and cfg.data.extra_view == "weak" and cfg.model.queue_size == 256 and cfg.trainer.max_epochs == 2
+
+
+def test_keys_are_normalised_in_float32_under_bf16_autocast(tmp_path, monkeypatch):
+    """The heads' bf16 outputs are cast to float32 before the normalisation: the bank holds float32 unit keys,
+    and the loss is the float32 MoCo loss of those outputs."""
+    module = moco_module(tmp_path, "model.shuffle_bn=false")
+    outputs: dict[str, list[torch.Tensor]] = {"q": [], "k": []}
+    module.projector.register_forward_hook(lambda m, i, out: outputs["q"].append(out))
+    module.key_projector.register_forward_hook(lambda m, i, out: outputs["k"].append(out))
+    logged = {}
+    monkeypatch.setattr(module, "log", lambda name, value, **kw: logged.setdefault(name, value))
+    bank = module.bank.keys.clone()
+    x1, x2 = images(1), images(2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        module.training_step((x1, x2, torch.arange(B), torch.zeros(B, dtype=torch.long)), 0)
+    module.on_after_backward()
+    assert all(t.dtype == torch.bfloat16 for t in outputs["q"] + outputs["k"])  # autocast did run the heads in bf16
+    norms = module.bank.keys[:B].norm(dim=1)
+    torch.testing.assert_close(norms, torch.ones(B), rtol=0, atol=2e-7)  # float32 unit vectors, not bf16-rounded ones
+    (q1, q2), (k1, k2) = ([F.normalize(t.float(), dim=1) for t in outputs[side]] for side in ("q", "k"))
+    tau = module.cfg_model["temperature"]
+
+    def moco(q, k):
+        logits = torch.cat([(q * k).sum(1, keepdim=True), q @ bank.T], dim=1) / tau
+        return F.cross_entropy(logits, torch.zeros(B, dtype=torch.long))
+
+    torch.testing.assert_close(logged["train/loss"], 0.5 * (moco(q1, k2) + moco(q2, k1)), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(module.bank.keys[:B], k2, rtol=0, atol=0)

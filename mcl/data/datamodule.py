@@ -18,17 +18,21 @@ AUTO_ON_DEVICE_BYTES = 4 * 2**30  # data.images_on_device=auto keeps training se
 
 
 class TwoViews(Dataset):
-    """Item i -> (query view, key view, i, label). Labels never reach the training loss."""
+    """Item i -> (query view, key view, [extra view,] i, label). Labels never reach the training loss.
 
-    def __init__(self, images: Images, query_view, key_view):
-        self.images, self.query_view, self.key_view = images, query_view, key_view
+    extra_view: a third view (CMSF's), drawn after the other two; None: two views.
+    """
+
+    def __init__(self, images: Images, query_view, key_view, extra_view=None):
+        self.images, self.query_view, self.key_view, self.extra_view = images, query_view, key_view, extra_view
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, i: int):
         image = self.images.image(i)  # 3 x H x W uint8
-        return self.query_view(image), self.key_view(image), i, int(self.images.labels[i])
+        extra = () if self.extra_view is None else (self.extra_view(image),)
+        return self.query_view(image), self.key_view(image), *extra, i, int(self.images.labels[i])
 
 
 class OneView(Dataset):
@@ -61,7 +65,8 @@ class OneView(Dataset):
 class ContrastiveDataModule(L.LightningDataModule):
     """dataset: the `dataset/` config group (its `source` is a reader from mcl.data.sources).
 
-    batch_size is per device; key_view: "strong" (symmetric MoCo v2) or "weak" (crop + flip).
+    batch_size is per device; key_view: "strong" (symmetric MoCo v2) or "weak" (crop + flip);
+    extra_view: None, "strong" or "weak": a third view of each image (CMSF), after the other two.
     batched_augment: in-memory datasets only; the loader yields uint8 batches and
     `on_after_batch_transfer` makes both views on the training device (mcl.data.batched).
     images_on_device: with batched_augment, keep the whole uint8 training set on that device.
@@ -79,6 +84,7 @@ class ContrastiveDataModule(L.LightningDataModule):
         eval_batch_size: int = 512,
         num_workers: int = 4,
         key_view: str = "strong",
+        extra_view: str | None = None,
         augment: dict[str, Any] | None = None,
         pin_memory: bool = True,
         batched_augment: bool | str = "auto",
@@ -88,6 +94,9 @@ class ContrastiveDataModule(L.LightningDataModule):
         super().__init__()
         if key_view not in ("strong", "weak"):
             raise ValueError(f"data.key_view must be 'strong' or 'weak', got {key_view!r}")
+        if extra_view not in (None, "strong", "weak"):
+            raise ValueError(f"data.extra_view must be null, 'strong' or 'weak', got {extra_view!r}")
+        self.extra_view_name = extra_view
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be a positive integer, got {batch_size}")
         for name, value in (("batched_augment", batched_augment), ("images_on_device", images_on_device)):
@@ -144,14 +153,15 @@ class ContrastiveDataModule(L.LightningDataModule):
             )
 
     def _views(self, recipes=transforms):
-        """(query view, key view, monitors' view); recipes: mcl.data.transforms or mcl.data.batched."""
+        """(query view, key view, monitors' view, extra view or None); recipes: mcl.data.transforms or mcl.data.batched."""
         size, mean, std = self.dataset_cfg["image_size"], self.dataset_cfg["mean"], self.dataset_cfg["std"]
         blur = {k: self.dataset_cfg[k] for k in ("blur_prob", "blur_sigma") if k in self.dataset_cfg}
         aug = {**blur, **self.augment}
         weak_flip = aug.pop("weak_flip_prob", aug.get("flip_prob", 0.5))  # configs from before the knob: the strong flip
         strong = recipes.strong_view(size, mean, std, **aug)
-        key = strong if self.key_view_name == "strong" else recipes.weak_view(size, mean, std, aug.get("crop_scale", (0.2, 1.0)), weak_flip)
-        return strong, key, transforms.plain_view(size, mean, std)
+        weak = lambda: recipes.weak_view(size, mean, std, aug.get("crop_scale", (0.2, 1.0)), weak_flip)  # noqa: E731
+        recipe = {"strong": lambda: strong, "weak": weak, None: lambda: None}
+        return strong, recipe[self.key_view_name](), transforms.plain_view(size, mean, std), recipe[self.extra_view_name]()
 
     def state_dict(self) -> dict[str, Any]:
         state = self.order.state_dict(self.trainer, self.batch_size)
@@ -181,9 +191,9 @@ class ContrastiveDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         if not self.batched_augment:
-            strong, key, _ = self._views()
-            return self._loader(SeededItems(TwoViews(self.train_images, strong, key)), self.batch_size, train=True)
-        self.batched_query, self.batched_key, _ = self._views(batched)
+            strong, key, _, extra = self._views()
+            return self._loader(SeededItems(TwoViews(self.train_images, strong, key, extra)), self.batch_size, train=True)
+        self.batched_query, self.batched_key, _, self.batched_extra = self._views(batched)
         images = None if self.images_on_device else torch.from_numpy(self.train_images.array)
         dataset = batched.ImageBatches(images, torch.from_numpy(self.train_images.labels))
         # fixes order.seed; images on the device: the loader yields indices only, in this process (no worker round trip)
@@ -199,7 +209,7 @@ class ContrastiveDataModule(L.LightningDataModule):
         return loader
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        """Batched path: (uint8 images or nothing, index, label) on the device -> (view_q, view_k, index, label)."""
+        """Batched path: (uint8 images or nothing, index, label) on the device -> (view_q, view_k, [view_e,] index, label)."""
         if not (self.batched_augment and self.trainer.training):
             return batch
         *images, index, labels = batch
@@ -208,7 +218,8 @@ class ContrastiveDataModule(L.LightningDataModule):
                 self.device_images = torch.from_numpy(self.train_images.array).to(index.device)  # N x H x W x 3, once
             images = [self.device_images[index]]
         x = images[0].permute(0, 3, 1, 2)  # B x 3 x H x W uint8
-        return self.batched_query(x, self.generator), self.batched_key(x, self.generator), index, labels
+        extra = () if self.batched_extra is None else (self.batched_extra(x, self.generator),)  # drawn after the other two
+        return self.batched_query(x, self.generator), self.batched_key(x, self.generator), *extra, index, labels
 
     def val_dataloader(self) -> list[DataLoader]:
         plain = self._views()[2]

@@ -33,6 +33,8 @@ class MiningContext:
     replaced:    B bool, the rows where the mined positives replaced k_i (lam = 0: k_i left the
                  loss), with replacement_weight B x K their target weights, rows summing to 1
                  (no gradient); None when no row lost k_i. Set by `select`.
+    keep:        B x K bool, the entries the negative strategy keeps, for a positive strategy that
+                 runs after it (`after_negatives`: relational targets live on the kept entries).
     """
 
     query: torch.Tensor
@@ -47,6 +49,7 @@ class MiningContext:
     positive: torch.Tensor | None = None
     replaced: torch.Tensor | None = None
     replacement_weight: torch.Tensor | None = None
+    keep: torch.Tensor | None = None
 
     @functools.cached_property
     def key_bank_sim(self) -> torch.Tensor:
@@ -66,12 +69,15 @@ class PositiveSelection:
     carry gradient (soft weights from the query, as the lab's SNCLR). `lam` is the
     target weight of the augmented positive: t_i = lam * onehot(k_i) + (1 - lam) * weight_i,
     and rows with no mined weight fall back to lam = 1. lam = 0 (NNCLR): in the rows with mined
-    weight, k_i is no candidate either: it leaves the normaliser.
+    weight, k_i is no candidate either: it leaves the normaliser. `lam` may be a B x 1 tensor (SCE:
+    its own share per row). protect: the mined entries are positives, never negatives; False for
+    relational targets, which spread over the entries the negative strategy keeps.
     """
 
     index: torch.Tensor
     weight: torch.Tensor
-    lam: float = 1.0
+    lam: float | torch.Tensor = 1.0
+    protect: bool = True
 
 
 @dataclass
@@ -118,8 +124,9 @@ class AllNegatives:
 
 
 def mined_mask(pos: PositiveSelection, num_entries: int) -> torch.Tensor | None:
-    """B x K bool: entries with target mass (1 - lam) * w > 0; None when nothing is mined or lam = 1."""
-    if pos.index.shape[1] == 0 or pos.lam >= 1:
+    """B x K bool: entries with target mass (1 - lam) * w > 0; None when nothing is mined, lam = 1 or the
+    selection does not protect its entries (relational targets)."""
+    if pos.index.shape[1] == 0 or not pos.protect or (not isinstance(pos.lam, torch.Tensor) and pos.lam >= 1):
         return None
     mask = torch.zeros(pos.index.shape[0], num_entries, dtype=torch.bool, device=pos.index.device)
     return mask.scatter_(1, pos.index, pos.weight > 0)
@@ -128,11 +135,18 @@ def mined_mask(pos: PositiveSelection, num_entries: int) -> torch.Tensor | None:
 def select(ctx: MiningContext, positive, negative) -> tuple[PositiveSelection, NegativeSelection]:
     """Run both strategies on one direction: positives first, then negatives, which see the mined
     positives as `ctx.positive` (a debiased estimate must not count them as negatives) and, where they
-    replaced k_i (lam = 0), `ctx.replaced` and `ctx.replacement_weight`.
+    replaced k_i (lam = 0), `ctx.replaced` and `ctx.replacement_weight`. A positive strategy with
+    `after_negatives` (relational targets) runs second instead, on the entries the negatives keep
+    (`ctx.keep`), without gradient.
 
     Positives run without gradient unless the strategy's `differentiable` says its weights carry the
     query's (the module turns them into targets with scatter_add_, which passes it on).
     """
+    if getattr(positive, "after_negatives", False):
+        neg = negative(ctx)
+        ctx.keep = None if neg.weight is None else neg.weight > 0  # B x K
+        with torch.no_grad():
+            return positive(ctx), neg
     with torch.set_grad_enabled(torch.is_grad_enabled() and getattr(positive, "differentiable", False)):
         pos = positive(ctx)
     num_entries = ctx.bank_sim.shape[1]

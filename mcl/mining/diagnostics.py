@@ -20,17 +20,25 @@ NAMES = (
     "neg_grad_share_kept",
     "neg_sim_kept",
     "neg_sim_dropped",
+    "target_purity",
+    "target_entropy",
 )
 
 
 @torch.no_grad()
 def diagnostic_sums(
-    ctx: MiningContext, pos: PositiveSelection, neg: NegativeSelection, query_labels: torch.Tensor, bank_labels: torch.Tensor
+    ctx: MiningContext,
+    pos: PositiveSelection,
+    neg: NegativeSelection,
+    query_labels: torch.Tensor,
+    bank_labels: torch.Tensor,
+    negatives: bool = True,
 ) -> torch.Tensor:
     """2 x len(NAMES) on the device, without a host read: row 0 the sums, row 1 the counts; each
     diagnostic is sum / count, defined where count > 0 (see `mining_diagnostics` for the names).
 
-    query_labels: B; bank_labels: K (-1 = unknown).
+    query_labels: B; bank_labels: K (-1 = unknown). negatives=False (an objective without negatives,
+    BYOL's regression): the neg_* diagnostics stay undefined.
     """
     sim = ctx.bank_sim.detach().float()  # B x K
     same = query_labels[:, None] == bank_labels[None, :]  # B x K
@@ -45,7 +53,16 @@ def diagnostic_sums(
         ratios["pos_kept"] = mined_kept.sum(), queries
         among = mined_kept & (mined_labels >= 0) & (query_labels[:, None] >= 0)
         ratios["pos_purity"] = ((mined_labels == query_labels[:, None]) & among).sum(), among.sum()
+        lam = pos.lam if isinstance(pos.lam, torch.Tensor) else sim.new_full((sim.shape[0], 1), float(pos.lam))  # B x 1
+        mined_rows = pos.weight.sum(dim=1, keepdim=True) > 0  # B x 1; rows without mined weight: all on k_i
+        lam = torch.where(mined_rows, lam.float(), 1.0)
+        mass = (1.0 - lam) * pos.weight.float()  # B x m: each mined entry's share of the target row
+        pure = (mined_labels == query_labels[:, None]) & among  # B x m
+        ratios["target_purity"] = (mass * pure).sum(), (mass * among).sum()
+        ratios["target_entropy"] = -(torch.special.xlogy(mass, mass).sum() + torch.special.xlogy(lam, lam).sum()), queries
 
+    if not negatives:
+        return torch.stack([torch.stack([total.float(), count.float()]) for total, count in ratios.values()], dim=1)  # 2 x N
     positive = mined_mask(pos, same.shape[1])  # B x K: mined entries with target mass are positives, not negatives
     positive = torch.zeros_like(same) if positive is None else positive
     own = ctx.self_mask
@@ -76,6 +93,9 @@ def mining_diagnostics(
       neg_grad_share_kept share of the full bank's InfoNCE gradient mass (softmax of s/tau over
                           every entry but the query's own image) carried by the kept negatives
       neg_sim_kept, neg_sim_dropped  mean cosine similarity of kept / dropped negatives to the query
+      target_purity       share of the mined target mass (1 - lam) w on entries with the query's label,
+                          among labelled ones (SCE, ReSSL: the relational targets' purity)
+      target_entropy      entropy (nats) of the target row [lam | (1 - lam) w], per query
     """
     sums, counts = diagnostic_sums(ctx, pos, neg, query_labels, bank_labels)  # N each
     defined = (counts > 0).tolist()  # the one host read
