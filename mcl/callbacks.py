@@ -32,7 +32,8 @@ class ProgressBar(TQDMProgressBar):
 
 class LearningRates(LearningRateMonitor):
     """Lightning's LearningRateMonitor (every parameter group's lr, Python floats from the optimizer, logged
-    at the logging steps: `lr-SGD/pg1` the encoder's, `lr-SGD/pg2` the linear probe's), silent without a
+    at the logging steps: `train/lr` the encoder's, `train/linear_lr` the linear probe's: the
+    names of the parameter groups under the scheduler's name, `train`), silent without a
     logger (logger=none) instead of stopping the run."""
 
     def on_train_start(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:

@@ -269,10 +269,20 @@ class MCLModule(Monitors, L.LightningModule):
         if self._pending is None:
             return
         (keys, index, labels, aux), self._pending = self._pending, None
-        index, labels = self.gather(index), self.gather(labels)
-        self.bank.enqueue(self.gather(keys), index, labels)  # (world_size*B) x D
+        keys, index, labels, aux = self.gather_rows(keys, index, labels, aux)  # (world_size*B) x ...
+        self.bank.enqueue(keys, index, labels)
         if aux is not None:  # CMSF: the third view's keys, in the same slots
-            self.aux_bank.enqueue(self.gather(aux), index, labels)
+            self.aux_bank.enqueue(aux, index, labels)
+
+    def gather_rows(self, *parts: torch.Tensor | None) -> list[torch.Tensor | None]:
+        """`gather` of several B-row tensors (float32 B x D keys, int64 B indices and labels, or None) in one
+        all_gather: their bits packed side by side as float32 columns, so every value arrives exactly."""
+        if self.world_size == 1:
+            return list(parts)
+        columns = [p.reshape(p.shape[0], -1).view(torch.float32) for p in parts if p is not None]  # B x c_i each
+        packed = self.gather(torch.cat(columns, dim=1)).split([c.shape[1] for c in columns], dim=1)  # N x c_i
+        out = iter(c.contiguous().view(p.dtype).reshape(-1, *p.shape[1:]) for c, p in zip(packed, (p for p in parts if p is not None)))
+        return [None if p is None else next(out) for p in parts]
 
     # --- optimisation -------------------------------------------------------------------
     def configure_optimizers(self):
@@ -282,8 +292,8 @@ class MCLModule(Monitors, L.LightningModule):
         encoder = [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("linear_probe")]
         optimizer = torch.optim.SGD(
             [
-                {"params": encoder, "lr": lr, "weight_decay": o["weight_decay"]},
-                {"params": self.linear_probe.parameters(), "lr": self.cfg_monitor["linear_lr"], "weight_decay": 0.0},
+                {"params": encoder, "lr": lr, "weight_decay": o["weight_decay"], "name": "lr"},  # logged as train/lr
+                {"params": self.linear_probe.parameters(), "lr": self.cfg_monitor["linear_lr"], "weight_decay": 0.0, "name": "linear_lr"},
             ],
             lr=lr,
             momentum=o["momentum"],
@@ -292,4 +302,4 @@ class MCLModule(Monitors, L.LightningModule):
         total = int(self.trainer.estimated_stepping_batches)
         warmup = int(total * o["warmup_epochs"] / max(1, self.trainer.max_epochs)) if self.trainer.max_epochs > 0 else 0
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step", "name": "train"}}

@@ -199,14 +199,14 @@ def test_msf_takes_the_papers_weights_and_refuses_negative_mining(tmp_path):
     loss, grads, encoder = step(module, [x1, x2])
 
     def soft_hard(p, z_k):
+        q = F.normalize(p, dim=1)  # the query (here MSF's prediction), with its gradient
         sim = (F.normalize(z_k, dim=1) @ bank.T).masked_fill(own, float("-inf"))
-        top, slots = sim.topk(5, dim=1)
-        w = F.softmax(top / 0.1, dim=1)
-        w = w * (w >= 1 / 5)
-        w = w / w.sum(1, keepdim=True)
+        _, slots = sim.topk(5, dim=1)  # the neighbours are searched by the key
+        w = F.softmax(torch.einsum("bd,bkd->bk", q, bank[slots]), dim=1)  # the lab's SNCLR: softmax(cos(q, n)), temperature 1
+        w = w * (w > 1 / 5)  # kept where > 1/k, not renormalised
         targets = torch.cat([torch.full((B, 1), 0.5, dtype=w.dtype), 0.5 * w], dim=1)  # lam = 0.5 on the key
         c = torch.cat([F.normalize(z_k, dim=1)[:, None], bank[slots]], dim=1)  # B x (1+k) x D
-        return (targets * (2 - 2 * torch.einsum("bd,bkd->bk", F.normalize(p, dim=1), c))).sum(1).mean()
+        return (targets * (2 - 2 * torch.einsum("bd,bkd->bk", q, c))).sum(1).mean()
 
     (p1, _), (p2, _) = online(module, x1), online(module, x2)
     check(module, loss, grads, encoder, (soft_hard(p1, key(module, x2)) + soft_hard(p2, key(module, x1))) / 2)

@@ -3,8 +3,8 @@
 DIR is a Hydra sweep (`python -m mcl.train -m ...`: multirun/<task>/<date_time>), a single run
 dir (outputs/<task>/<date_time>) or a folder of them (outputs/<task>, outputs/); several DIRs
 are compared as one set of runs. Every run leaves `.hydra/overrides.yaml` (what it changed),
-`metrics.csv` (csv logger), its config and `job.json`, written by `JobStatusFile` (a Hydra
-callback, conf/hydra/default.yaml) when it starts and ends: status running / completed /
+`metrics.csv` (csv logger), its config and `job.json`, written by `mcl.records.JobStatusFile` (a
+Hydra callback, conf/hydra/default.yaml) when it starts and ends: status running / completed /
 failed, and the error of a failed job.
 
 The report groups the completed runs by the swept values (every override that differs between
@@ -24,7 +24,7 @@ runs, except the ones averaged over: `seed`; a run without an override another r
   `--title`), legends outside the axes, epochs counted from 1 (after the first). A metric's value
   at an epoch is the mean of what was logged in that epoch; its final value is the one of the last epoch.
 
-The package, a module a part: `status` (job.json, written by every job), `runs` (reading runs, sweeps and
+The package, a module a part: `runs` (reading runs, sweeps and
 offline evaluations back), `groups` (groups over seeds, the setting), `metrics` (names, units, which are
 shown), `stats` (mean ± std, paired t intervals), `publications` (mcl/published.yaml beside ours),
 `tables` (markdown tables), `plots` (the figures), `write` (report.md, report.json), `cli` (the options).
@@ -36,13 +36,11 @@ from mcl.report.plots import figures
 from mcl.report.publications import published, published_rows
 from mcl.report.runs import Job, expand_grid, expected_jobs, load_runs
 from mcl.report.stats import choose_baseline, paired_difference, paired_rows, t_quantile
-from mcl.report.status import JobStatusFile
 from mcl.report.write import markdown, summary, write_report
 
 __all__ = [
     "Group",
     "Job",
-    "JobStatusFile",
     "Setting",
     "choose_baseline",
     "expand_grid",

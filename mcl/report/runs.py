@@ -16,7 +16,7 @@ import numpy as np
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from mcl.report.status import STATUS_FILE
+from mcl.records import STATUS_FILE
 
 
 def override_key(override: str) -> str:
