@@ -11,12 +11,27 @@ is broadcast as before.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from mcl.bank import MemoryBank
+
+
+def gather_rows(gather: Callable[[torch.Tensor], torch.Tensor], world_size: int, *parts: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """`gather` (B x c -> (world_size*B) x c, rank order) of several B-row tensors in one collective: float32
+    B x D keys, int64 B indices and labels (None stays None), their bits side by side as float32 columns,
+    so every value arrives exactly (the enqueue's keys, indices and labels: one all_gather, not three)."""
+    if world_size == 1:
+        return list(parts)
+    given = [p for p in parts if p is not None]
+    columns = [p.reshape(p.shape[0], -1).view(torch.float32) for p in given]  # B x c_i each, the same bits
+    packed = gather(torch.cat(columns, dim=1)).split([c.shape[1] for c in columns], dim=1)  # N x c_i
+    out = iter(c.contiguous().view(p.dtype).reshape(-1, *p.shape[1:]) for c, p in zip(packed, given))
+    return [None if p is None else next(out) for p in parts]
 
 
 def bank_buffers(model: nn.Module) -> list[str]:

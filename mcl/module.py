@@ -34,6 +34,7 @@ from torch.nn import functional as F
 from mcl.bank import MemoryBank
 from mcl.batchnorm import encode_views, shuffled, split_batchnorm
 from mcl.contrast import OBJECTIVES, Candidates, build_targets, contrast, float32, mining_context, neighbour_contrast
+from mcl.ddp import gather_rows
 from mcl.mining.base import MiningContext
 from mcl.mining.diagnostics import diagnostic_sums
 from mcl.models import mlp
@@ -269,20 +270,10 @@ class MCLModule(Monitors, L.LightningModule):
         if self._pending is None:
             return
         (keys, index, labels, aux), self._pending = self._pending, None
-        keys, index, labels, aux = self.gather_rows(keys, index, labels, aux)  # (world_size*B) x ...
+        keys, index, labels, aux = gather_rows(self.gather, self.world_size, keys, index, labels, aux)  # (world_size*B) x ...
         self.bank.enqueue(keys, index, labels)
         if aux is not None:  # CMSF: the third view's keys, in the same slots
             self.aux_bank.enqueue(aux, index, labels)
-
-    def gather_rows(self, *parts: torch.Tensor | None) -> list[torch.Tensor | None]:
-        """`gather` of several B-row tensors (float32 B x D keys, int64 B indices and labels, or None) in one
-        all_gather: their bits packed side by side as float32 columns, so every value arrives exactly."""
-        if self.world_size == 1:
-            return list(parts)
-        columns = [p.reshape(p.shape[0], -1).view(torch.float32) for p in parts if p is not None]  # B x c_i each
-        packed = self.gather(torch.cat(columns, dim=1)).split([c.shape[1] for c in columns], dim=1)  # N x c_i
-        out = iter(c.contiguous().view(p.dtype).reshape(-1, *p.shape[1:]) for c, p in zip(packed, (p for p in parts if p is not None)))
-        return [None if p is None else next(out) for p in parts]
 
     # --- optimisation -------------------------------------------------------------------
     def configure_optimizers(self):

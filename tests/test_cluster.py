@@ -218,7 +218,7 @@ def test_a_knob_of_another_strategy_names_the_strategies_that_have_it(cfg_factor
     cfg = cfg_factory(["+mining.positive.topk=3"])  # mining.positive=none
     with pytest.raises(
         ConfigError,
-        match=r"\(NoPositives\) has no knob 'topk'\. It takes no knobs\. 'topk' is a knob of mining\.positive=hard\|soft\|soft_hard\.",
+        match=r"\(NoPositives\) has no knob 'topk'\. It takes no knobs\. 'topk' is a knob of mining\.positive=hard\|msf\|soft\|soft_hard\.",
     ):
         check_config(cfg, world_size=1)
     check_config(cfg_factory(["mining.positive=soft", "mining.positive.topk=3"]), world_size=1)

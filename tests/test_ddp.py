@@ -130,3 +130,27 @@ def test_ddp_resume_mid_epoch_equals_uninterrupted(ddp_run, tmp_path):
     for name in ("keys", "indices", "ptr"):
         assert torch.equal(r0["final_bank"][name], r1["final_bank"][name])
     assert_same_training_state(load(out / "checkpoints" / "last.ckpt"), load(ref / "checkpoints" / "last.ckpt"))
+
+
+def test_one_gather_carries_keys_indices_and_labels_bit_for_bit():
+    """gather_rows packs float32 keys and int64 indices/labels into one all_gather; two ranks simulated
+    (each rank's rows, then the other's), with indices beyond float32's exact integers."""
+    from mcl.ddp import gather_rows
+
+    keys = torch.randn(4, 3)
+    index = torch.tensor([2**40 + 3, -1, 7, 2**62 - 1])
+    labels = torch.tensor([1, -1, 5, 9])
+    other = [keys + 1, index + 1, labels + 1]
+    calls = []
+
+    def gather(t):  # rank 0's rows, then rank 1's, as Lightning's all_gather().flatten(0, 1)
+        calls.append(t.shape)
+        mine = torch.cat([p.reshape(4, -1).view(torch.float32) for p in other], dim=1)
+        return torch.cat([t, mine])
+
+    k, i, y, aux = gather_rows(gather, 2, keys, index, labels, None)
+    assert len(calls) == 1 and aux is None
+    for ours, expected in zip((k, i, y), ([keys, other[0]], [index, other[1]], [labels, other[2]])):
+        assert ours.dtype == expected[0].dtype and torch.equal(ours, torch.cat(expected))
+    alone = gather_rows(gather, 1, keys, index)
+    assert alone[0] is keys and alone[1] is index and len(calls) == 1  # one device: no collective
