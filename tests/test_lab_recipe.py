@@ -100,8 +100,8 @@ def test_each_dataset_presets_views_are_the_labs(tmp_path, dataset, key_view):
     )
     size, mean, std = LAB_NORMALISE[dataset]
     expected_key = LAB_STRONG if key_view == "strong" else LAB_WEAK
-    per_image_query, per_image_key, _ = data._views()
-    fast_query, fast_key, _ = data._views(batched)
+    per_image_query, per_image_key, *_ = data._views()
+    fast_query, fast_key, *_ = data._views(batched)
     for view, lab in ((per_image_query, LAB_STRONG), (per_image_key, expected_key)):
         ops = in_lab_order([described(op) for op in view.transforms])
         assert len(ops) == len(lab) and all(close(a, b) for a, b in zip(ops, lab)), (ops, lab)
