@@ -175,7 +175,9 @@ class MCLModule(Monitors, L.LightningModule):
         if self.key_backbone is None or self._ema_step == self.global_step:
             return
         self._ema_step = self.global_step
-        m = momentum_at(self.cfg_model["momentum"], self.progress, self.cfg_model["momentum_schedule"])
+        m = momentum_at(self.cfg_model["momentum"], self.progress, self.cfg_model["momentum_schedule"]) ** self.cfg_model.get(
+            "ema_calls", 1
+        )
         for online, key in ((self.backbone, self.key_backbone), (self.projector, self.key_projector)):
             torch._foreach_lerp_(list(key.parameters()), list(online.parameters()), 1.0 - m)
 

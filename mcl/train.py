@@ -193,6 +193,9 @@ def check_ranges(cfg: DictConfig) -> None:
         raise ConfigError(
             f"model.momentum (EMA of the key encoder) must lie in [0, 1), got {cfg.model.momentum}; 1 freezes the key encoder"
         )
+    calls = cfg.model.ema_calls
+    if isinstance(calls, bool) or not isinstance(calls, int) or calls < 1:
+        raise ConfigError(f"model.ema_calls (EMA moves per optimizer step) must be a positive integer, got {calls!r}")
     if cfg.model.momentum_schedule not in ("const", "cosine"):
         raise ConfigError(f"model.momentum_schedule must be 'const' or 'cosine', got {cfg.model.momentum_schedule!r}")
     if _number("monitor.knn_k", cfg.monitor.knn_k) < 1:

@@ -443,3 +443,30 @@ def test_keys_are_normalised_in_float32_under_bf16_autocast(tmp_path, monkeypatc
 
     torch.testing.assert_close(logged["train/loss"], 0.5 * (moco(q1, k2) + moco(q2, k1)), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(module.bank.keys[:B], k2, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("preset", ["moco_v2", "sce", "byol", "unmix", "paper_cifar10"])
+def test_tinyimagenet_brings_the_labs_bank_and_ema_to_every_preset(preset):
+    """The lab's TinyImageNet protocol (bank 16384, EMA 0.996) comes with the dataset, whatever the preset;
+    UnMix moves its EMA three times a step (the lab's three model calls): momentum^3 once."""
+    cfg = make_cfg([f"experiment={preset}", "dataset=tinyimagenet"], Path("/unused"))
+    assert (cfg.model.queue_size, cfg.model.momentum) == (16384, 0.996)
+    cifar = make_cfg([f"experiment={preset}"], Path("/unused"))
+    assert (cifar.model.queue_size, cifar.model.momentum) == (4096, 0.99)
+    assert cfg.model.ema_calls == (3 if preset == "unmix" else 1)
+
+
+def test_unmix_moves_the_ema_as_three_calls_do(tmp_path):
+    """ema_calls=3: one lerp by 1 - m^3 equals three lerps by 1 - m against the same online weights."""
+    from types import SimpleNamespace
+
+    module = build_module(make_cfg(["experiment=unmix", *STEP[1:]], tmp_path), num_classes=10)
+    for p in module.backbone.parameters():
+        p.data.add_(torch.randn_like(p))
+    online, key = next(module.backbone.parameters()).detach().clone(), next(module.key_backbone.parameters()).detach().clone()
+    module._trainer = SimpleNamespace(estimated_stepping_batches=10, global_step=0)
+    module._update_key_encoder()
+    expected = key
+    for _ in range(3):
+        expected = 0.99 * expected + 0.01 * online
+    torch.testing.assert_close(next(module.key_backbone.parameters()), expected)
