@@ -269,7 +269,7 @@ CLI_MISTAKES = {
         "mcl.train",
         ["mining.negative=gradient", "mining.negative.start=0.9"],
         r"^ConfigError: mining.negative.start=0.9, mining.negative.end=0.5: the band kept at the start of training needs "
-        r"0 <= start < end <= 1.0 .*\[256 candidates a query, from the memory bank: model.queue_size=256\]",
+        r"0 <= start < end <= 1.0 .*\[128 candidates a query, from the memory bank: model.queue_size=128\]",
     ),
     "data": ("mcl.train", ["dataset=cifar10", "paths.data_dir=data"], r"^DatasetError: cifar10 not found at data/cifar-10-batches-py"),
     "offline download": (

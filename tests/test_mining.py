@@ -447,11 +447,11 @@ def test_warmup_mines_nothing_until_the_bank_is_full(positive, negative):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["mining.positive=soft", "mining.positive.topk=257"], "topk=257"),
+        (["mining.positive=soft", "mining.positive.topk=129"], "topk=129"),
         (["mining.positive=soft_hard", "mining.positive.hard_rule=median"], "hard_rule"),
         (["mining.positive=soft_hard", "mining.positive.weights_from=bank"], r"weights_from must be one of \('query', 'key'\)"),
         (["mining.negative=gradient", "mining.negative.start=0.6", "mining.negative.end=0.5"], "start < end"),
-        (["mining.negative=gradient", "mining.negative.unit=rank", "mining.negative.start=10", "mining.negative.end=300"], "end <= 256"),
+        (["mining.negative=gradient", "mining.negative.unit=rank", "mining.negative.start=10", "mining.negative.end=300"], "end <= 128"),
         (["mining.negative=gradient", "mining.negative.final_start=0.4", "mining.negative.final_end=0.2"], "end of training"),
         (["mining.negative=gradient", "mining.negative.start=0.5", "mining.negative.end=0.501"], "zero negatives"),
         (["mining.negative=ring", "mining.negative.outer=0.003"], "zero negatives"),

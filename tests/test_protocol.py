@@ -414,7 +414,7 @@ def test_the_lab_table_composes_with_the_slurm_launcher_and_the_tiny_debug(tmp_p
     with hydra.initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = hydra.compose("train", overrides=[*overrides, f"hydra.sweep.dir={tmp_path}"], return_hydra_config=True)
     assert cfg.hydra.launcher._target_.endswith("SlurmLauncher") and cfg.hydra.sweeper.params.experiment.startswith("moco_v2,")
-    assert cfg.model.aux_view and cfg.data.extra_view == "weak" and cfg.model.queue_size == 256 and cfg.trainer.max_epochs == 2
+    assert cfg.model.aux_view and cfg.data.extra_view == "weak" and cfg.model.queue_size == 128 and cfg.trainer.max_epochs == 2
 
 
 def test_keys_are_normalised_in_float32_under_bf16_autocast(tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from mcl.report.groups import Group, Setting
-from mcl.report.metrics import accuracy_metrics, metric_name, metrics_of, shown
+from mcl.report.metrics import accuracy_metrics, is_share, metric_name, metrics_of, shown
 
 MARKERS = "osD^vPX*"  # a group keeps its colour C<i> and marker in every plot
 
@@ -65,7 +65,7 @@ def plot_accuracy(groups: list[Group], setting: Setting, metrics: list[str] | No
 
 def _plot_history(ax, groups: list[Group], metric: str) -> bool:
     drawn, every = False, set()
-    dodge = 0.06 * (len(groups) > 1)
+    dodge = min(0.06, 0.3 / max(1, len(groups) - 1))  # at most 0.3 epochs between the outermost groups
     for i, g in enumerate(groups):
         curves = [j.history[metric] for j in g.completed if metric in j.history]
         epochs = sorted({e for c in curves for e in c})
@@ -88,6 +88,11 @@ def _plot_history(ax, groups: list[Group], metric: str) -> bool:
         ax.set_xticks(sorted(every))
     else:
         ax.xaxis.get_major_locator().set_params(integer=True)
+    lo, hi = ax.get_ylim()
+    least = 1.0 if is_share(metric) else 1e-3 * max(abs(lo), abs(hi), 1e-9)  # a flat metric: an axis of plain numbers, not 1e-6 offsets
+    if hi - lo < least:
+        ax.set_ylim((lo + hi - least) / 2, (lo + hi + least) / 2)
+    ax.ticklabel_format(axis="y", useOffset=False)
     ax.set_xlabel("epochs trained")
     ax.set_ylabel(metric_name(metric))
     ax.grid(alpha=0.3)
