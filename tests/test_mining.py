@@ -422,7 +422,7 @@ def test_the_loss_ignores_keys_of_the_querys_own_image(tmp_path, positive, negat
     """One query whose image has three older keys in the bank: moving them changes nothing."""
     module = make_module(tmp_path, [f"mining.positive={positive}", f"mining.negative={negative}"])
     fill_bank(module)
-    own = torch.tensor([3, 100, 200])
+    own = torch.tensor([3, 60, 100])  # slots of the 128-key bank (debug=tiny)
     module.bank.indices[own] = 0
     q, k, index = unit(1, 128, seed=28), unit(1, 128, seed=29), torch.zeros(1, dtype=torch.long)
     module.bank.keys[own] = k  # as similar to the positive as can be
