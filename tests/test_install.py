@@ -10,7 +10,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, run_cli
 
 TOP_LEFT_OUT = {"outputs", "multirun", "data", "cache", "build", "reports", "wandb", "lightning_logs"}  # a checkout's run outputs
 
@@ -57,14 +57,6 @@ def test_a_wheel_installed_into_an_empty_target_trains_digits_from_another_direc
     assert found.stdout.splitlines() == [str(target / "mcl" / "runtime.py"), str(target / "mcl" / "conf")], found.stderr
     run_dir = elsewhere / "run"
     args = ["dataset=digits", "debug=tiny", "dataset.image_size=16", "backbone.width=8", f"hydra.run.dir={run_dir}"]
-    result = subprocess.run(
-        [sys.executable, "-m", "mcl.train", *args],
-        cwd=elsewhere,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_cli(args, cwd=elsewhere, env={"PYTHONPATH": str(target), "OMP_NUM_THREADS": "1"})  # os.environ plus these
     assert result.returncode == 0, result.stderr[-3000:]
     assert "== mcl summary ==" in result.stdout and (run_dir / "checkpoints" / "last.ckpt").is_file()

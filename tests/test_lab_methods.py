@@ -376,7 +376,14 @@ def test_aux_view_and_extra_view_go_together(tmp_path):
 
 DEMO = ["dataset=digits", "dataset.image_size=16", "backbone.width=16", "data.batch_size=32", "data.num_workers=0"]
 DEMO += ["data.augment.crop_scale=[0.6,1.0]", "data.augment.jitter=[0.4,0.4,0.0,0.0]", "data.augment.gray_prob=0.0"]
-DEMO += ["data.augment.flip_prob=0.0", "data.augment.weak_flip_prob=0.0", "model.queue_size=256", "model.proj_hidden=512", "model.pred_hidden=512", "optim.warmup_epochs=1"]
+DEMO += [
+    "data.augment.flip_prob=0.0",
+    "data.augment.weak_flip_prob=0.0",
+    "model.queue_size=256",
+    "model.proj_hidden=512",
+    "model.pred_hidden=512",
+    "optim.warmup_epochs=1",
+]
 DEMO += [
     "trainer=cpu",
     "trainer.max_epochs=3",
